@@ -1,0 +1,126 @@
+"""Outputs that are either complete or absent: a killed stage never leaves a half-written file or directory.
+
+Files are written to a temporary name in the same directory and renamed (atomic on POSIX). A directory output
+is built beside its destination and swapped in at the end. Long stages write into a resumable work directory
+(``ResumableDir``) whose finished parts survive a kill and are reused only if they were made from the same
+inputs and parameters (its fingerprint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write to; it is renamed to ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished directory ``src`` to ``dst``, replacing what was there.
+
+    Two renames: the old output is moved aside first and deleted only after the new one is in place, so a
+    crash between them leaves both (``.<name>.old-<pid>`` beside ``dst``) and loses nothing.
+    """
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def atomic_dir(dst: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``dst``; swap it in for ``dst`` if the block succeeds."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable hash of JSON-serialisable parts (parameters, input file stats)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def files_fingerprint(root: str | os.PathLike) -> list[tuple[str, int, int]]:
+    """(relative path, size, mtime) of every file under ``root``: cheap to compute, changes when inputs change."""
+    root = Path(root)
+    return [
+        (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    ]
+
+
+class ResumableDir:
+    """A directory output built part by part, resumable after a kill.
+
+    Parts are written atomically into ``.<name>.partial`` beside the destination. On a rerun with the same
+    fingerprint the finished parts are kept; with another fingerprint (new inputs or parameters) the work
+    directory is emptied first. ``finish()`` swaps the work directory in as the destination.
+    """
+
+    def __init__(self, dst: str | os.PathLike, fingerprint: str):
+        self.dst = Path(dst)
+        self.work = self.dst.with_name(f".{self.dst.name}.partial")
+        stamp = self.work / ".fingerprint"
+        if self.work.exists() and (not stamp.exists() or stamp.read_text() != fingerprint):
+            shutil.rmtree(self.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        if not stamp.exists():
+            write_bytes(stamp, fingerprint.encode())
+
+    def done(self, name: str) -> bool:
+        return (self.work / name).exists()
+
+    def path(self, name: str) -> Path:
+        return self.work / name
+
+    def finish(self) -> Path:
+        (self.work / ".fingerprint").unlink()
+        replace_dir(self.work, self.dst)
+        return self.dst

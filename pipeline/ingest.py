@@ -1,0 +1,143 @@
+"""The shard stage: images from a source → ``{train,val}`` WebDataset shards and a manifest, all or nothing."""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import atomic, shards
+from pipeline.progress import Progress, Silent
+from pipeline.sources import (
+    DataConfig,
+    Item,
+    Skipped,
+    SourceError,
+    demo_items,
+    image_folder_items,
+    load_demo_item,
+    load_file_item,
+)
+
+SPLITS = ("train", "val")
+# Items go to the worker pool in windows: results come back in order while memory stays bounded.
+_WINDOW = 2048
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """A loaded image as ready-to-append tar bytes, made in the worker so the writer only appends them."""
+
+    item: Item
+    tar_bytes: bytes
+
+
+def _load_and_encode(item: Item, cfg: DataConfig) -> _Encoded | Skipped:
+    loaded = load_demo_item(item, cfg.resolution) if item.box is not None else load_file_item(item, cfg)
+    if isinstance(loaded, Skipped):
+        return loaded
+    meta = {"source": item.source, "original_size": list(loaded.original_size)}
+    if item.box is not None:
+        meta["crop_box"] = list(item.box)  # (top, left, side) in the source photograph
+    sample = {
+        "__key__": item.key,
+        "png": shards.encode_png(loaded.rgb),
+        "cls": str(item.cls).encode(),
+        "json": shards.encode_json(meta),
+    }
+    return _Encoded(item, shards.tar_members(sample))
+
+
+_worker_cfg: DataConfig | None = None
+
+
+def _init_worker(cfg: DataConfig) -> None:
+    import cv2
+
+    global _worker_cfg
+    _worker_cfg = cfg  # sent once per worker, not with every image
+
+    cv2.setNumThreads(1)  # one image per process: OpenCV's own threads would only contend with the others
+    # Decoders log every broken file; the manifest already records each skip with its reason.
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
+
+def _load_in_worker(item: Item) -> _Encoded | Skipped:
+    return _load_and_encode(item, _worker_cfg)
+
+
+def _load_all(items: list[Item], cfg: DataConfig, progress: Progress) -> Iterator[_Encoded | Skipped]:
+    if cfg.workers == 1:
+        _init_worker(cfg)
+        for item in items:
+            yield _load_and_encode(item, cfg)
+            progress.advance()
+        return
+    # spawn, not fork: the parent may hold threads (torch, OpenCV) that a forked child would inherit locked.
+    context = multiprocessing.get_context("spawn")
+    pending = iter(items)
+    with context.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg,)) as pool:
+        while window := list(itertools.islice(pending, _WINDOW)):
+            chunk = max(1, len(window) // (cfg.workers * 8))
+            for result in pool.imap(_load_in_worker, window, chunksize=chunk):
+                yield result
+                progress.advance()
+
+
+def build_shards(cfg: DataConfig, out_dir: str | Path, progress: Progress | None = None) -> dict[str, Any]:
+    """Write ``out_dir/{train,val}/shard-*.tar`` and ``out_dir/manifest.json``; return the manifest.
+
+    The previous ``out_dir`` is replaced only once everything is written. Unreadable or unsuitable images are
+    skipped and listed in the manifest; a source with nothing usable raises ``SourceError``.
+    """
+    if cfg.source == "demo":
+        classes, items = demo_items(cfg)
+        skipped_unread: list[Skipped] = []
+    else:
+        classes, items, skipped_unread = image_folder_items(cfg)
+    progress = progress or Silent()
+    progress.start("shard: decode, resize, encode", sum(len(v) for v in items.values()), unit="images")
+
+    counts: dict[str, Counter] = {split: Counter() for split in SPLITS}
+    skipped = [_skip_record(s, split="-") for s in skipped_unread]
+    with atomic.atomic_dir(out_dir) as tmp:
+        for split in SPLITS:
+
+            def kept(results: Iterable[_Encoded | Skipped], split: str = split) -> Iterator[bytes]:
+                for result in results:
+                    if isinstance(result, Skipped):
+                        skipped.append(_skip_record(result, split))
+                    else:
+                        counts[split][result.item.cls] += 1
+                        yield result.tar_bytes
+
+            sizes = shards.write_split(tmp / split, kept(_load_all(items[split], cfg, progress)), cfg.shard_size)
+            if not sizes and split == "train":
+                raise SourceError(f"data.source {cfg.source}: no usable image ({len(skipped)} skipped)")
+        manifest = {
+            "source": cfg.source,
+            "val_source": cfg.val_source,
+            "resolution": cfg.resolution,
+            "classes": classes,
+            "splits": {
+                split: {
+                    "count": sum(counts[split].values()),
+                    "shards": len(list((tmp / split).glob("shard-*.tar"))),
+                    "per_class": {name: counts[split][i] for i, name in enumerate(classes)},
+                }
+                for split in SPLITS
+            },
+            "kept": sum(sum(c.values()) for c in counts.values()),
+            "skipped_count": len(skipped),
+            "skipped": skipped,
+        }
+        atomic.write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def _skip_record(skipped: Skipped, split: str) -> dict[str, str]:
+    return {"source": skipped.item.source, "split": split, "reason": skipped.reason}

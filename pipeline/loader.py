@@ -1,0 +1,122 @@
+"""Reading shards for training: a WebDataset pipeline with reproducible epochs, split across DDP ranks and workers.
+
+Every random choice is seeded by (seed, epoch, rank, worker), so an epoch's order is reproducible and does not
+depend on how many epochs were read before (a resumed run reads what an uninterrupted one would). Two modes:
+
+* exact (default): the shard list is shuffled per epoch, split by rank then by loader worker, and every sample
+  is read exactly once per epoch across all ranks and workers. Ranks may get different batch counts.
+* resampled: each rank and worker draws shards with replacement and yields a fixed number of batches per
+  epoch, so DDP ranks always agree on the number of steps (the multi-GPU training mode).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+
+
+def _place() -> tuple[int, int, int, int]:
+    """(rank, world_size, worker, num_workers) of the code running now."""
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    return rank, world, worker, workers
+
+
+class _ShardStream(IterableDataset):
+    """The first stage of the pipeline: which shards this rank and worker read in one epoch."""
+
+    def __init__(self, urls: list[str], seed: int, epoch: int, shuffle: bool, resampled: bool):
+        super().__init__()
+        self.urls, self.seed, self.epoch, self.shuffle, self.resampled = urls, seed, epoch, shuffle, resampled
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        rank, world, worker, workers = _place()
+        if self.resampled:
+            rng = random.Random(f"{self.seed}/{self.epoch}/{rank}/{worker}")
+            while True:
+                yield {"url": rng.choice(self.urls)}
+        urls = list(self.urls)
+        if self.shuffle:  # the same permutation on every rank, so the rank/worker split stays a partition
+            random.Random(f"{self.seed}/{self.epoch}").shuffle(urls)
+        for url in urls[rank::world][worker::workers]:
+            yield {"url": url}
+
+
+def _buffer_shuffle(bufsize: int, seed: int, epoch: int) -> Callable[[Iterator], Iterator]:
+    def stage(src: Iterator) -> Iterator:
+        rank, _, worker, _ = _place()  # seeded lazily: the worker is only known inside the worker process
+        rng = random.Random(f"{seed}/{epoch}/{rank}/{worker}/samples")
+        yield from wds.shuffle(bufsize=bufsize, initial=bufsize, rng=rng)(src)
+
+    return stage
+
+
+def _take_batches(batches_per_rank: int) -> Callable[[Iterator], Iterator]:
+    def stage(src: Iterator) -> Iterator:
+        _, _, worker, workers = _place()
+        share = batches_per_rank // workers + (1 if worker < batches_per_rank % workers else 0)
+        yield from itertools.islice(src, share)
+
+    return stage
+
+
+class ShardLoader:
+    """Batches of decoded samples from shards, epoch by epoch (``for batch in loader.epoch(e)``).
+
+    ``decode`` maps a raw sample (bytes fields) to what is batched: a tuple of arrays/tensors, collated by
+    ``torch.utils.data.default_collate``. In resampled mode ``batches_per_epoch`` is required and every rank
+    yields exactly that many full batches.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        decode: Callable[[dict[str, Any]], Any],
+        *,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        resampled: bool = False,
+        batches_per_epoch: int | None = None,
+        shuffle_buffer: int = 1000,
+        num_workers: int = 0,
+    ):
+        if not urls:
+            raise ValueError("ShardLoader needs at least one shard")
+        if resampled and not batches_per_epoch:
+            raise ValueError("resampled mode needs batches_per_epoch (the fixed epoch length that keeps ranks in step)")
+        self.urls, self.decode, self.batch_size = list(urls), decode, batch_size
+        self.seed, self.shuffle, self.resampled = seed, shuffle, resampled
+        self.batches_per_epoch, self.shuffle_buffer, self.num_workers = batches_per_epoch, shuffle_buffer, num_workers
+
+    def dataset(self, epoch: int) -> wds.DataPipeline:
+        stages: list[Any] = [
+            _ShardStream(self.urls, self.seed, epoch, self.shuffle, self.resampled),
+            wds.tarfile_to_samples(),
+        ]
+        if self.shuffle and self.shuffle_buffer > 1:
+            stages.append(_buffer_shuffle(self.shuffle_buffer, self.seed, epoch))
+        stages += [
+            wds.map(self.decode),
+            wds.batched(self.batch_size, collation_fn=default_collate, partial=not self.resampled),
+        ]
+        if self.resampled:
+            stages.append(_take_batches(self.batches_per_epoch))
+        return wds.DataPipeline(*stages)
+
+    def epoch(self, epoch: int) -> Iterable[Any]:
+        return DataLoader(
+            self.dataset(epoch),
+            batch_size=None,  # batched inside the pipeline, so each worker emits whole batches
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )

@@ -1,0 +1,113 @@
+"""What every stage command shares: loading params (exit 2 when invalid), errors as messages, Rich output."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+console = Console(stderr=True, highlight=False)
+
+ParamsOption = Annotated[
+    Path,
+    typer.Option("--params", help="Parameter file (YAML) to read; every stage reads only its own sections."),
+]
+
+EXIT_INVALID_PARAMS = 2
+EXIT_FAILED = 1
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def load(params_path: Path):
+    """The validated params, or exit 2 with one line per problem before anything is written."""
+    from pipeline.config import ConfigError
+    from pipeline.params import load_params
+
+    try:
+        return load_params(params_path)
+    except ConfigError as err:
+        console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
+        raise typer.Exit(EXIT_INVALID_PARAMS) from None
+
+
+def reports_errors(func: F) -> F:
+    """Turn the pipeline's expected failures (bad input, missing upstream output) into a message and exit 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
+            console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
+            raise typer.Exit(EXIT_FAILED) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task) -> Text:
+        unit = task.fields.get("unit", "items")
+        if task.speed is None:
+            return Text(f"– {unit}/s", style="progress.data.speed")
+        return Text(f"{task.speed:,.1f} {unit}/s", style="progress.data.speed")
+
+
+class RichProgress:
+    """The pipeline's ``Progress`` protocol drawn as Rich progress bars, one per ``start``."""
+
+    def __init__(self, progress: Progress):
+        self._progress = progress
+        self._task = None
+
+    def start(self, description: str, total: int | None, unit: str = "items") -> None:
+        if self._task is not None:
+            self._progress.update(self._task, visible=True)
+        self._task = self._progress.add_task(description, total=total, unit=unit)
+
+    def advance(self, n: int = 1) -> None:
+        if self._task is not None:
+            self._progress.advance(self._task, n)
+
+
+@contextlib.contextmanager
+def progress() -> Iterator[RichProgress]:
+    columns = [
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    ]
+    # Without a terminal (CI logs, pipes) Rich draws only the final state of each bar.
+    with Progress(*columns, console=console, transient=False) as bar:
+        yield RichProgress(bar)
+
+
+def summary(title: str, rows: list[tuple[str, Any]]) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for name, value in rows:
+        table.add_row(name, str(value))
+    console.print(table)

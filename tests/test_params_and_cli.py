@@ -1,0 +1,113 @@
+"""params.yaml is validated before any stage writes; the CLI reports problems by key and exit code."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.config import ConfigError
+from pipeline.params import Params, load_params
+from stages.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def write_params(path: Path, **overrides) -> Path:
+    values = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        values[section][key] = value
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_the_shipped_params_file_is_valid():
+    assert isinstance(load_params(ROOT / "params.yaml"), Params)
+
+
+def every_section(cls) -> list:
+    nested = [info.annotation for info in cls.__pydantic_fields__.values() if dataclasses.is_dataclass(info.annotation)]
+    return [cls] + [s for n in nested for s in every_section(n)]
+
+
+def test_every_parameter_is_documented():
+    for section in every_section(Params):
+        for name, info in section.__pydantic_fields__.items():
+            assert info.description, f"{section.__name__}.{name} has no description"
+
+
+def test_params_yaml_sets_every_key_explicitly():
+    """A researcher reads params.yaml, not the code: every tunable must appear there."""
+    values = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name, info in Params.__pydantic_fields__.items():
+        assert set(values[name]) == set(info.annotation.__pydantic_fields__), name
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({"data__resolution": 2}, "data.resolution = 2: Input should be greater than or equal to 8"),
+        ({"data__resolution": "32"}, "data.resolution = '32': Input should be a valid integer"),
+        ({"data__val_fraction": 1.5}, "data.val_fraction = 1.5"),
+        ({"data__colour": "yes"}, "data.colour: unknown key"),
+        ({"data__demo_crop_min": 0.5, "data__demo_crop_max": 0.2}, "demo_crop_min = 0.5 must not exceed"),
+    ],
+)
+def test_invalid_value_exits_2_naming_the_key(tmp_path, monkeypatch, override, expected):
+    params = write_params(tmp_path / "params.yaml", **override)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["shard", "--params", str(params)])
+    assert result.exit_code == 2, result.output
+    assert expected in " ".join(result.output.split())
+    assert not (tmp_path / "data").exists()  # nothing written
+
+
+def test_scientific_notation_reads_as_a_float_like_dvc_does(tmp_path):
+    from pipeline.params import _Loader
+
+    assert yaml.load("x: 1e-4", Loader=_Loader) == {"x": 1e-4}
+
+
+def test_unreadable_params_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_params(tmp_path / "missing.yaml")
+    (tmp_path / "broken.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(tmp_path / "broken.yaml")
+
+
+def test_every_command_explains_its_options():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    commands = [c.name for c in app.registered_commands]
+    for name in commands:
+        help_text = runner.invoke(app, [name, "--help"])
+        assert help_text.exit_code == 0 and "--params" in help_text.output, name
+
+
+def test_info_names_device_and_params(tmp_path):
+    result = runner.invoke(app, ["info", "--params", str(ROOT / "params.yaml")])
+    assert result.exit_code == 0
+    assert "torch" in result.output and "cpu" in result.output and "valid" in result.output
+
+
+def test_shard_command_on_a_salted_tree_exits_0_with_a_summary(tmp_path, monkeypatch, salted_tree):
+    params = write_params(tmp_path / "params.yaml", data__source=str(salted_tree["root"]), data__workers=1)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["shard", "--params", str(params)])
+    assert result.exit_code == 0, result.output
+    assert f"kept {len(salted_tree['good'])}, skipped 6" in result.output
+    assert (tmp_path / "data" / "shards" / "manifest.json").exists()
+
+
+def test_shard_command_with_missing_source_exits_1(tmp_path, monkeypatch):
+    params = write_params(tmp_path / "params.yaml", data__source=str(tmp_path / "nowhere"))
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["shard", "--params", str(params)])
+    assert result.exit_code == 1
+    assert "does not exist" in result.output
