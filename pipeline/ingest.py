@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline import atomic, shards
 from pipeline.progress import Progress, Silent
 from pipeline.sources import (
@@ -99,6 +101,11 @@ def build_shards(cfg: DataConfig, out_dir: str | Path, progress: Progress | None
         skipped_unread: list[Skipped] = []
     else:
         classes, items, skipped_unread = image_folder_items(cfg)
+    # Shuffle before sharding (seeded): each shard mixes all classes, so a shuffle buffer smaller than the split
+    # still gives class-balanced batches, and splitting shards across ranks and workers stays balanced.
+    for split in SPLITS:
+        order = np.random.default_rng([cfg.seed, SPLITS.index(split)]).permutation(len(items[split]))
+        items[split] = [items[split][i] for i in order]
     progress = progress or Silent()
     progress.start("shard: decode, resize, encode", sum(len(v) for v in items.values()), unit="images")
 

@@ -119,4 +119,7 @@ class ShardLoader:
             batch_size=None,  # batched inside the pipeline, so each worker emits whole batches
             num_workers=self.num_workers,
             persistent_workers=False,
+            # Its own generator: creating an iterator must not draw from the global RNG, or a run resumed
+            # mid-epoch would consume random numbers at other times than an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.seed + epoch),
         )

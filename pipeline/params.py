@@ -8,7 +8,13 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import ConfigError, Field, build, section
+from pipeline.decompose import DecomposeConfig
+from pipeline.evaluation import EvaluateConfig
+from pipeline.evaluator import EvaluatorConfig
 from pipeline.sources import DataConfig
+from pipeline.tokenizer_training import TokenizerConfig
+from pipeline.tokens import ExtractTokensConfig
+from pipeline.transformer_training import TransformerConfig
 
 DEFAULT_PATH = Path("params.yaml")
 
@@ -16,6 +22,39 @@ DEFAULT_PATH = Path("params.yaml")
 @section
 class Params:
     data: DataConfig = Field(default_factory=DataConfig, description="The `shard` stage: where images come from.")
+    decompose: DecomposeConfig = Field(
+        default_factory=DecomposeConfig, description="The `decompose` stage: the Ambrosio–Tortorelli split."
+    )
+    tokenizer: TokenizerConfig = Field(
+        default_factory=TokenizerConfig, description="The `train_tokenizer` stage: the base–detail VQ-VAE."
+    )
+    tokens: ExtractTokensConfig = Field(
+        default_factory=ExtractTokensConfig, description="The `extract_tokens` stage: tokenizing the dataset."
+    )
+    transformer: TransformerConfig = Field(
+        default_factory=TransformerConfig, description="The `train_transformer` stage and sampling defaults."
+    )
+    evaluator: EvaluatorConfig = Field(
+        default_factory=EvaluatorConfig, description="The `train_evaluator` stage: the reference classifier."
+    )
+    evaluate: EvaluateConfig = Field(
+        default_factory=EvaluateConfig, description="The `evaluate` stage: samples, metrics and figures."
+    )
+
+    def __post_init__(self):
+        model, order = self.tokenizer.model, self.decompose.order
+        latent, rem = divmod(self.data.resolution, model.downsampling)
+        if rem or model.scales[-1] != latent:
+            raise ValueError(
+                f"tokenizer.model.scales ends at {model.scales[-1]} but data.resolution {self.data.resolution} / "
+                f"2^(len(channel_multipliers) − 1) = {self.data.resolution / model.downsampling:g}: the last scale "
+                "must be the latent side"
+            )
+        if len(model.scales) - order * model.detail_depth < 1:
+            raise ValueError(
+                f"decompose.order {order} × tokenizer.model.detail_depth {model.detail_depth} leaves no base scale "
+                f"among the {len(model.scales)} tokenizer.model.scales"
+            )
 
 
 class _Loader(yaml.SafeLoader):

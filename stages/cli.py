@@ -7,7 +7,16 @@ from pathlib import Path
 
 import typer
 
-from stages import shard
+from stages import (
+    decompose,
+    evaluate,
+    extract_tokens,
+    sample,
+    shard,
+    train_evaluator,
+    train_tokenizer,
+    train_transformer,
+)
 from stages.common import ParamsOption, summary
 
 app = typer.Typer(
@@ -20,6 +29,13 @@ app = typer.Typer(
 )
 
 app.command("shard")(shard.command)
+app.command("decompose")(decompose.command)
+app.command("train-tokenizer")(train_tokenizer.command)
+app.command("extract-tokens")(extract_tokens.command)
+app.command("train-transformer")(train_transformer.command)
+app.command("train-evaluator")(train_evaluator.command)
+app.command("evaluate")(evaluate.command)
+app.command("sample")(sample.command)
 
 _PACKAGES = (
     "cart",

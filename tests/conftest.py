@@ -74,3 +74,24 @@ def salted_tree(tmp_path: Path) -> dict:
     (root / "eel" / "README.txt").write_text("class notes\n")
     not_images.append(root / "eel" / "README.txt")
     return {"root": root, "good": good, "bad": bad, "not_images": not_images, "classes": ["cat", "dog", "eel"]}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """Demo shards and their order-2 decomposition at 16 px, built once per test session (read-only)."""
+    from tests.workspace import build_data
+
+    return build_data(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def workspace(tiny_data, tmp_path, monkeypatch) -> Path:
+    """A fresh working directory holding a copy of the tiny data and the tiny params, as the stages expect."""
+    import shutil
+
+    from tests.workspace import write_params
+
+    shutil.copytree(tiny_data / "data", tmp_path / "data")
+    write_params(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -1,0 +1,133 @@
+"""The decomposed dataset: image shards → shards that add the bases B_1 … B_n of every image.
+
+Each output shard corresponds to one input shard and holds, per sample, the original ``png`` (bytes copied,
+so the image stays exact), ``cls``, ``json`` and ``bases.npy``: float16 (n, 3, H, W) in [0, 1]. Details are not
+stored: D_k = B_{k−1} − B_k with B_0 = I. Shards are written one at a time into a resumable work directory,
+so a killed stage keeps the shards it finished.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import atomic, shards
+from pipeline.decompose import DecomposeConfig, DecompositionError, decompose, details
+from pipeline.progress import Progress, Silent
+
+SPLITS = ("train", "val")
+
+
+def decode_training_sample(raw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(image_3HW, bases_K3HW, cls), floats in [0, 1]: what the tokenizer trains on."""
+    image = torch.from_numpy(shards.decode_png(raw["png"])).permute(2, 0, 1).float() / 255
+    bases = torch.from_numpy(shards.decode_npy(raw["bases.npy"]).astype(np.float32))
+    return image, bases, int(raw["cls"])
+
+
+def _images(samples: list[dict[str, Any]]) -> torch.Tensor:
+    rgb = np.stack([shards.decode_png(s["png"]) for s in samples])
+    return torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255
+
+
+def decompose_shard(samples: list[dict[str, Any]], cfg: DecomposeConfig) -> tuple[list[dict[str, Any]], dict]:
+    """Decompose the images of one shard; return the output samples and per-level sums for the manifest."""
+    images = _images(samples)
+    try:
+        result = decompose(images, cfg)
+    except DecompositionError as err:
+        keys = [samples[i]["__key__"] for i in err.indices]
+        raise DecompositionError(err.indices, f"samples {keys}: {str(err).split(': ', 1)[-1]}") from None
+    bases = result.bases_NKCHW
+    detail_energy = details(images, bases).square().mean((2, 3, 4)).sum(0) if cfg.order else torch.zeros(0)
+    out = []
+    for i, sample in enumerate(samples):
+        out.append(
+            {
+                "__key__": sample["__key__"],
+                "png": sample["png"],
+                "cls": sample["cls"],
+                "json": sample["json"],
+                "bases.npy": shards.encode_npy(bases[i].numpy().astype(np.float16)),
+            }
+        )
+    stats = {
+        "count": len(samples),
+        "detail_energy_sum": detail_energy.tolist(),
+        "unconverged": int((~result.converged_NK).sum()),
+    }
+    return out, stats
+
+
+def decompose_splits(
+    in_dir: str | Path, out_dir: str | Path, cfg: DecomposeConfig, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Decompose ``in_dir/{train,val}`` into ``out_dir/{train,val}`` plus ``manifest.json``; resumable.
+
+    A rerun after a kill keeps every shard already written if the inputs and parameters are unchanged.
+    """
+    in_dir, progress = Path(in_dir), progress or Silent()
+    source_manifest = json.loads((in_dir / "manifest.json").read_text())
+    # Everything but how the work is scheduled decides the output.
+    settings = {k: v for k, v in vars(cfg).items() if k not in ("batch_size", "preview_count", "compile")}
+    work = atomic.ResumableDir(out_dir, atomic.fingerprint(settings, atomic.files_fingerprint(in_dir)))
+    shards.list_shards(in_dir / "train")  # a missing train split is an error naming the directory
+    urls = {split: split_shards(in_dir / split) for split in SPLITS}
+    total = sum(source_manifest["splits"][split]["count"] for split in SPLITS)
+    progress.start(f"decompose (order {cfg.order})", total, unit="images")
+    splits: dict[str, Any] = {}
+    for split in SPLITS:
+        (work.path(split)).mkdir(exist_ok=True)
+        totals = {"count": 0, "detail_energy_sum": np.zeros(cfg.order), "unconverged": 0}
+        for url in urls[split]:
+            name = f"{split}/{Path(url).name}"
+            stats_name = f"{split}/.{Path(url).stem}.stats.json"
+            if work.done(name) and work.done(stats_name):
+                stats = json.loads(work.path(stats_name).read_text())
+            else:
+                samples, stats = decompose_shard(list(shards.read_shard(url)), cfg)
+                with atomic.writing(work.path(name)) as tmp:
+                    shards.write_shard(tmp, samples)
+                atomic.write_json(work.path(stats_name), stats)
+            totals["count"] += stats["count"]
+            totals["detail_energy_sum"] += np.array(stats["detail_energy_sum"])
+            totals["unconverged"] += stats["unconverged"]
+            progress.advance(stats["count"])
+        splits[split] = {
+            "count": totals["count"],
+            "shards": len(urls[split]),
+            # Mean squared detail intensity of each level D_1 … D_n (per pixel and channel, [0, 1] scale).
+            "mean_detail_energy": (totals["detail_energy_sum"] / max(1, totals["count"])).tolist(),
+            "unconverged_solves": totals["unconverged"],
+        }
+    for stats_file in work.work.glob("*/.*.stats.json"):
+        stats_file.unlink()
+    manifest = {
+        "order": cfg.order,
+        "classes": source_manifest["classes"],
+        "resolution": source_manifest["resolution"],
+        "splits": splits,
+        "decompose": dict(vars(cfg)),
+    }
+    atomic.write_json(work.path("manifest.json"), manifest)
+    work.finish()
+    return manifest
+
+
+def split_shards(directory: Path) -> list[str]:
+    """The shards of a split that may be empty (val with val_fraction 0)."""
+    return sorted(str(p) for p in Path(directory).glob("shard-*.tar"))
+
+
+def first_samples(split_dir: str | Path, count: int) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(key, image_3HW, bases_K3HW) of the first ``count`` samples of a decomposed split (for figures)."""
+    for i, raw in enumerate(shards.read_samples(split_shards(split_dir))):
+        if i >= count:
+            return
+        image, bases, _ = decode_training_sample(raw)
+        yield raw["__key__"], image, bases

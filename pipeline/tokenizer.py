@@ -1,0 +1,342 @@
+"""The base–detail multi-scale VQ-VAE (CART paper §3.2): Algorithm 1 (tokenize) and Algorithm 2 (reconstruct).
+
+An image I with bases B_1 … B_n (B_0 = I) is encoded level by level, f_{B_k} = E(B_k). Its token maps, in
+generation order, are:
+
+* base maps r_1 … r_B: multi-scale residual quantisation of f_{B_n} as in VAR — area-downsample the residual
+  to the map's size, take the nearest codes, upsample them bicubically, pass them through φ and subtract;
+* detail maps, for t = n … 1: the detail f_{D_t} = f_{B_{t−1}} − f_{B_t}, quantised at full latent
+  resolution, ``detail_depth`` maps each, each step subtracting φ(z).
+
+Reconstruction is f̂ = Σ_k φ_k(z_k), Î = D(f̂). A prefix of the maps decodes to a coarser image: the base maps to
+≈ B_n, adding the D_n maps to ≈ B_{n−1}, …, all maps to ≈ I. With order 0 there are no detail maps and the model
+is exactly VAR's multi-scale VQ-VAE; a single full-resolution map is a vanilla VQ-VAE.
+
+With ``detail_error_feedback`` (the default) the residual a detail component starts from is f_{B_{t−1}} − f̂,
+i.e. the detail f_{D_t} plus whatever the earlier maps left unquantised, so later maps correct earlier errors
+(with exact quantisation both are the same; without feedback each component is quantised on its own, as the
+paper's Algorithm 1 is literally written).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import Field, section
+from pipeline.convnets import Decoder, Encoder
+from pipeline.weights import load_config, load_state, save_weights
+
+
+@section
+class TokenizerModelConfig:
+    channels: int = Field(32, ge=4, description="Base width of encoder and decoder (VQGAN's `ch`).")
+    channel_multipliers: list[int] = Field(
+        default_factory=lambda: [1, 2, 2],
+        min_length=1,
+        description="Width multiplier per resolution level; the latent is downsampled 2^(levels − 1) times.",
+    )
+    res_blocks: int = Field(1, ge=1, description="ResNet blocks per encoder level (the decoder has one more).")
+    attention: bool = Field(True, description="Self-attention in the middle block, at the lowest resolution.")
+    latent_channels: int = Field(16, ge=1, description="C: channels of the latent and dimension of every code.")
+    codebook_size: int = Field(512, ge=2, le=32767, description="V: entries of the one codebook shared by all maps.")
+    scales: list[int] = Field(
+        default_factory=lambda: [1, 2, 3, 4, 5, 6, 8],
+        min_length=1,
+        description="VAR's schedule: the side of each of the M token maps, increasing, the last equal to the latent "
+        "side. With decomposition order n the first M − n·detail_depth are the base scales and the rest become "
+        "full-resolution detail maps.",
+    )
+    detail_depth: int = Field(1, ge=1, description="Token maps per detail level D_t ((M − B)/n in the paper).")
+    phi_convs: int = Field(4, ge=1, description="Number of shared 3×3 φ convolutions (VAR: 4).")
+    phi_ratio: float = Field(0.5, ge=0.0, le=1.0, description="φ(z) = (1 − r)·z + r·conv(z) (VAR: 0.5).")
+    detail_error_feedback: bool = Field(
+        True,
+        description="Detail residuals start from f_{B_{t-1}} − f̂ (carrying what earlier maps left) rather than "
+        "from f_{D_t} alone.",
+    )
+
+    def __post_init__(self):
+        if any(b <= a for a, b in zip(self.scales, self.scales[1:], strict=False)):
+            raise ValueError(f"scales = {self.scales}: must be strictly increasing")
+        if min(self.channel_multipliers) < 1:
+            raise ValueError(f"channel_multipliers = {self.channel_multipliers}: every multiplier must be ≥ 1")
+
+    @property
+    def downsampling(self) -> int:
+        return 2 ** (len(self.channel_multipliers) - 1)
+
+
+@dataclass(frozen=True)
+class TokenMap:
+    """One token map in generation order: a ``side``×``side`` grid of codes of the base (level 0) or of D_level."""
+
+    side: int
+    level: int
+
+    @property
+    def is_base(self) -> bool:
+        return self.level == 0
+
+
+class TokenLayout:
+    """The token maps of one image, in generation order, and where each starts in the flat token sequence."""
+
+    def __init__(self, scales: list[int], order: int, detail_depth: int):
+        base = len(scales) - order * detail_depth
+        if base < 1:
+            raise ValueError(
+                f"{len(scales)} scales leave no base map for order {order} with detail_depth {detail_depth}"
+            )
+        latent = scales[-1]
+        self.order, self.detail_depth, self.latent_side = order, detail_depth, latent
+        self.maps = [TokenMap(side, 0) for side in scales[:base]]
+        for t in range(order, 0, -1):
+            self.maps += [TokenMap(latent, t)] * detail_depth
+        self.lengths = [m.side * m.side for m in self.maps]
+        self.offsets = [sum(self.lengths[:i]) for i in range(len(self.maps) + 1)]
+
+    @property
+    def num_maps(self) -> int:
+        return len(self.maps)
+
+    @property
+    def num_base(self) -> int:
+        return sum(m.is_base for m in self.maps)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.offsets[-1]
+
+    def component_ends(self) -> list[int]:
+        """Map counts after which a prefix is complete: base (≈ B_n), then + D_n (≈ B_{n−1}), …, all (≈ I)."""
+        return [self.num_base + k * self.detail_depth for k in range(self.order + 1)]
+
+    def map_level_ids(self) -> list[int]:
+        """Per map, an id distinguishing every base scale and every detail level (for level embeddings)."""
+        return [m for m in range(self.num_base)] + [
+            self.num_base + (self.order - m.level) for m in self.maps[self.num_base :]
+        ]
+
+    def to_json(self) -> dict:
+        return {
+            "maps": [
+                {"h": m.side, "w": m.side, "kind": "base" if m.is_base else "detail", "level": m.level}
+                for m in self.maps
+            ],
+            "order": self.order,
+            "detail_depth": self.detail_depth,
+            "num_tokens": self.num_tokens,
+        }
+
+
+class Phi(nn.Module):
+    """VAR's residual convolutions: a few 3×3 convs shared across maps, each blended with its input."""
+
+    def __init__(self, channels: int, count: int, ratio: float, num_maps: int):
+        super().__init__()
+        self.ratio = ratio
+        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(count))
+        # Map m uses the conv whose tick is nearest to its relative position m / (M − 1), as in VAR.
+        ticks = torch.linspace(1 / (3 * count), 1 - 1 / (3 * count), count)
+        position = torch.linspace(0, 1, num_maps) if num_maps > 1 else torch.zeros(1)
+        self.choice = [int((ticks - p).abs().argmin()) for p in position]
+
+    def forward(self, z_BChw: torch.Tensor, map_index: int) -> torch.Tensor:
+        conv = self.convs[self.choice[map_index]]
+        return (1 - self.ratio) * z_BChw + self.ratio * conv(z_BChw)
+
+
+@dataclass
+class Quantized:
+    """Algorithm 1's result for a batch, with what training needs."""
+
+    indices: list[torch.Tensor]  # idx_Bhw of every map, in generation order
+    prefixes: list[torch.Tensor]  # f̂ after each component (base, +D_n, …, +D_1), straight-through to its target
+    vq_loss: torch.Tensor  # mean over maps of β‖sg(f̂) − f_target‖² + ‖f̂ − sg(f_target)‖²
+    residual_sample: torch.Tensor  # (N, C) residual vectors the quantiser saw, from every map: dead-code restarts
+
+
+def _sample_rows(x_NC: torch.Tensor, k: int) -> torch.Tensor:
+    return x_NC if len(x_NC) <= k else x_NC[torch.randperm(len(x_NC), device=x_NC.device)[:k]]
+
+
+class Tokenizer(nn.Module):
+    """Encoder, decoder, one codebook and φ; ``order`` decides how many maps are detail maps."""
+
+    def __init__(self, cfg: TokenizerModelConfig, order: int):
+        super().__init__()
+        self.cfg, self.order = cfg, order
+        self.layout = TokenLayout(cfg.scales, order, cfg.detail_depth)
+        args = (cfg.channels, cfg.channel_multipliers, cfg.res_blocks, cfg.attention, cfg.latent_channels)
+        self.encoder, self.decoder = Encoder(*args), Decoder(*args)
+        self.codebook = nn.Embedding(cfg.codebook_size, cfg.latent_channels)
+        nn.init.uniform_(self.codebook.weight, -1 / cfg.codebook_size, 1 / cfg.codebook_size)
+        self.phi = Phi(cfg.latent_channels, cfg.phi_convs, cfg.phi_ratio, self.layout.num_maps)
+
+    # -- pixels ↔ latents ------------------------------------------------------------------------------------
+
+    def encode_levels(self, image_B3HW: torch.Tensor, bases_BK3HW: torch.Tensor) -> list[torch.Tensor]:
+        """[f_{B_0} = E(I), f_{B_1}, …, f_{B_n}] from images in [0, 1], all levels in one encoder pass."""
+        B = image_B3HW.shape[0]
+        levels = torch.cat([image_B3HW.unsqueeze(1), bases_BK3HW[:, : self.order]], dim=1)
+        f = self.encoder(levels.flatten(0, 1) * 2 - 1)
+        return list(f.unflatten(0, (B, self.order + 1)).unbind(1))
+
+    def decode(self, f_BChw: torch.Tensor) -> torch.Tensor:
+        """Latent → image in [0, 1] (unclamped: losses see the raw output)."""
+        return (self.decoder(f_BChw) + 1) / 2
+
+    # -- Algorithm 1 -------------------------------------------------------------------------------------------
+
+    def nearest_codes(self, r_BChw: torch.Tensor) -> torch.Tensor:
+        r_NC = r_BChw.permute(0, 2, 3, 1).reshape(-1, r_BChw.shape[1])
+        codes_VC = self.codebook.weight
+        distance_NV = r_NC.square().sum(1, keepdim=True) - 2 * r_NC @ codes_VC.T + codes_VC.square().sum(1)
+        B, _, h, w = r_BChw.shape
+        return distance_NV.argmin(1).view(B, h, w)
+
+    def map_contribution(self, idx_Bhw: torch.Tensor, map_index: int) -> torch.Tensor:
+        """φ_m(up(z)) for map m's codes: what the map adds to f̂ at full latent size."""
+        z_BChw = self.codebook(idx_Bhw).permute(0, 3, 1, 2)
+        latent = self.layout.latent_side
+        if idx_Bhw.shape[-1] != latent:
+            z_BChw = F.interpolate(z_BChw, size=(latent, latent), mode="bicubic")
+        # Standard layout whatever the path (a permuted lookup, or a 1×1 map PyTorch upsamples as channels-last):
+        # a channels-last f̂ would take other conv kernels, and the same tokens would decode to different pixels.
+        return self.phi(z_BChw.contiguous(), map_index)
+
+    def quantize_map(self, residual_BChw: torch.Tensor, map_index: int):
+        """One step of Algorithm 1: the residual at map m's size, its nearest codes, and what they add to f̂.
+
+        Returns (idx_Bhw, h_BChw at full latent size, the resized residual the codes were chosen for).
+        """
+        side = self.layout.maps[map_index].side
+        r_BChw = (
+            residual_BChw
+            if side == residual_BChw.shape[-1]
+            else F.interpolate(residual_BChw, (side, side), mode="area")
+        )
+        idx_Bhw = self.nearest_codes(r_BChw)
+        return idx_Bhw, self.map_contribution(idx_Bhw, map_index), r_BChw
+
+    @torch.no_grad()
+    def tokenize_base(self, f_BChw: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The base part of Algorithm 1 for any latent f (e.g. a crop of an upsampled one): VAR's multi-scale
+        residual quantisation over the base scales. Returns the base maps and their composition f̂."""
+        residual, f_hat, indices = f_BChw, torch.zeros_like(f_BChw), []
+        for m in range(self.layout.num_base):
+            idx_Bhw, h_BChw, _ = self.quantize_map(residual, m)
+            indices.append(idx_Bhw)
+            f_hat, residual = f_hat + h_BChw, residual - h_BChw
+        return indices, f_hat
+
+    def quantize(self, f_levels: list[torch.Tensor], beta: float = 0.25) -> Quantized:
+        """Algorithm 1 on encodings f_{B_0} … f_{B_n}: token maps, component prefixes and the VQ loss."""
+        n = self.order
+        f_hat = torch.zeros_like(f_levels[0])
+        indices, prefixes, losses, seen = [], [], [], []
+        start = 0
+        for component, end in enumerate(self.layout.component_ends()):
+            target = f_levels[n - component]  # base: f_{B_n}; detail D_t: f_{B_{t−1}}
+            if component == 0 or self.cfg.detail_error_feedback:
+                residual = target.detach() - f_hat.detach()
+            else:
+                residual = (target - f_levels[n - component + 1]).detach()  # f_{D_t} alone
+            for m in range(start, end):
+                idx_Bhw, h_BChw, r = self.quantize_map(residual, m)
+                if self.training:
+                    seen.append(_sample_rows(r.detach().permute(0, 2, 3, 1).flatten(0, 2), 256))
+                f_hat = f_hat + h_BChw
+                residual = residual - h_BChw.detach()
+                losses.append(beta * F.mse_loss(f_hat.detach(), target) + F.mse_loss(f_hat, target.detach()))
+                indices.append(idx_Bhw)
+            start = end
+            # Straight-through: the decoder sees f̂, the gradient of what it decodes reaches this level's encoder.
+            prefixes.append(f_hat.detach() + (target - target.detach()))
+        residual_sample = torch.cat(seen) if seen else f_hat.new_zeros(0, f_hat.shape[1])
+        return Quantized(indices, prefixes, torch.stack(losses).mean(), residual_sample)
+
+    @torch.no_grad()
+    def tokenize(self, image_B3HW: torch.Tensor, bases_BK3HW: torch.Tensor) -> list[torch.Tensor]:
+        """Algorithm 1: images (and their bases) → token maps idx_Bhw in generation order."""
+        return self.quantize(self.encode_levels(image_B3HW, bases_BK3HW)).indices
+
+    # -- Algorithm 2 -------------------------------------------------------------------------------------------
+
+    def compose(self, indices: list[torch.Tensor], num_maps: int | None = None) -> torch.Tensor:
+        """f̂ = Σ φ_k(z_k) over the first ``num_maps`` maps (all by default)."""
+        count = len(indices) if num_maps is None else num_maps
+        f_hat = self.map_contribution(indices[0], 0)
+        for m in range(1, count):
+            f_hat = f_hat + self.map_contribution(indices[m], m)
+        return f_hat
+
+    @torch.no_grad()
+    def reconstruct(self, indices: list[torch.Tensor]) -> torch.Tensor:
+        """Algorithm 2: token maps → image in [0, 1]."""
+        return self.decode(self.compose(indices)).clamp(0, 1)
+
+    @torch.no_grad()
+    def decode_prefix(self, indices: list[torch.Tensor], num_maps: int) -> torch.Tensor:
+        """The image the first ``num_maps`` maps describe: ≈ B_n after the base maps, … , ≈ I after all."""
+        return self.decode(self.compose(indices, num_maps)).clamp(0, 1)
+
+    # -- what the transformer sees ---------------------------------------------------------------------------
+
+    def next_input(self, f_hat_BChw: torch.Tensor, map_index: int) -> torch.Tensor:
+        """The transformer's input for map m: f̂ after maps < m, at map m's size (base) or full size (detail)."""
+        side = self.layout.maps[map_index].side
+        if side == self.layout.latent_side:
+            return f_hat_BChw
+        return F.interpolate(f_hat_BChw, size=(side, side), mode="area")
+
+    @torch.no_grad()
+    def teacher_forcing_inputs(self, indices: list[torch.Tensor]) -> torch.Tensor:
+        """Inputs for maps 1 … M−1 (map 0 starts from the class token), flattened: x_B(L−1)C."""
+        f_hat = torch.zeros_like(self.map_contribution(indices[0], 0))
+        inputs = []
+        for m in range(1, len(indices)):
+            f_hat = f_hat + self.map_contribution(indices[m - 1], m - 1)
+            inputs.append(self.next_input(f_hat, m).flatten(2).transpose(1, 2))
+        return torch.cat(inputs, dim=1)
+
+    # -- training forward ------------------------------------------------------------------------------------
+
+    def forward(
+        self, image_B3HW: torch.Tensor, bases_BK3HW: torch.Tensor, beta: float = 0.25, decode: list[int] | None = None
+    ):
+        """Encode, quantise (Algorithm 1) and decode component prefixes in one decoder pass.
+
+        ``decode`` lists the prefixes to decode (0: ≈ B_n, …, n − 1: ≈ B_1, n: ≈ I; all by default). Returns
+        (decoded_BP3HW, quantized) with decoded[:, j] the image of prefix ``decode[j]``.
+        """
+        quantized = self.quantize(self.encode_levels(image_B3HW, bases_BK3HW), beta)
+        chosen = range(self.order + 1) if decode is None else decode
+        prefixes = torch.stack([quantized.prefixes[p] for p in chosen], dim=1)
+        decoded = self.decode(prefixes.flatten(0, 1)).unflatten(0, prefixes.shape[:2])
+        return decoded, quantized
+
+
+def save_tokenizer(stem: str | Path, model: Tokenizer, resolution: int) -> None:
+    """``<stem>.safetensors`` + ``<stem>.json`` (architecture, order, resolution, token layout)."""
+    config = {
+        "model": dataclasses.asdict(model.cfg),
+        "order": model.order,
+        "resolution": resolution,
+        "layout": model.layout.to_json(),
+    }
+    save_weights(stem, model, config)
+
+
+def load_tokenizer(stem: str | Path, device: torch.device | str = "cpu") -> tuple[Tokenizer, dict]:
+    """The tokenizer saved at ``stem`` (in eval mode) and its config."""
+    config = load_config(stem)
+    model = Tokenizer(TokenizerModelConfig(**config["model"]), config["order"])
+    model.load_state_dict(load_state(stem, device))
+    return model.to(device).eval(), config

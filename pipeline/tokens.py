@@ -1,0 +1,119 @@
+"""The token dataset: decomposed shards → every image's token maps (Algorithm 1), what the transformer trains on.
+
+One output shard per input shard; per sample ``tokens.npy`` (int16, all token maps concatenated in generation
+order: base scales, then the detail maps of D_n … D_1) and ``cls``. The manifest records the token layout so a
+reader can split the sequence back into maps without the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from pipeline import atomic, shards
+from pipeline.config import Field, section
+from pipeline.decomposed import SPLITS, decode_training_sample, split_shards
+from pipeline.progress import Progress, Silent
+from pipeline.runtime import resolve_device
+from pipeline.tokenizer import Tokenizer, TokenLayout, load_tokenizer
+
+
+@section
+class ExtractTokensConfig:
+    batch_size: int = Field(256, ge=1, description="Images tokenized together.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when visible.")
+
+
+def flatten_maps(indices: list[torch.Tensor]) -> torch.Tensor:
+    """Token maps idx_Bhw (generation order) → one sequence idx_BL."""
+    return torch.cat([idx.flatten(1) for idx in indices], dim=1)
+
+
+def split_maps(idx_BL: torch.Tensor, layout: TokenLayout) -> list[torch.Tensor]:
+    """The inverse of ``flatten_maps``: idx_BL → [idx_Bhw] in generation order."""
+    if idx_BL.shape[1] != layout.num_tokens:
+        raise ValueError(f"{idx_BL.shape[1]} tokens per image, but the layout has {layout.num_tokens}")
+    return [
+        idx_BL[:, start:end].view(-1, m.side, m.side)
+        for m, start, end in zip(layout.maps, layout.offsets, layout.offsets[1:], strict=False)
+    ]
+
+
+def layout_from_manifest(manifest: dict[str, Any]) -> TokenLayout:
+    return TokenLayout(manifest["scales"], manifest["order"], manifest["detail_depth"])
+
+
+def decode_token_sample(raw: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    """(idx_L as int64, cls): what the transformer trains on."""
+    return torch.from_numpy(shards.decode_npy(raw["tokens.npy"]).astype(np.int64)), int(raw["cls"])
+
+
+@torch.no_grad()
+def tokenize_shard(samples: list[dict[str, Any]], tokenizer: Tokenizer, batch_size: int) -> list[dict[str, Any]]:
+    device = next(tokenizer.parameters()).device
+    out = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        decoded = [decode_training_sample(raw) for raw in chunk]
+        image = torch.stack([d[0] for d in decoded]).to(device)
+        bases = torch.stack([d[1] for d in decoded]).to(device)
+        idx_BL = flatten_maps(tokenizer.tokenize(image, bases)).cpu().numpy().astype(np.int16)
+        for raw, idx_L in zip(chunk, idx_BL, strict=True):
+            out.append({"__key__": raw["__key__"], "tokens.npy": shards.encode_npy(idx_L), "cls": raw["cls"]})
+    return out
+
+
+def extract_tokens(
+    tokenizer_stem: str | Path,
+    in_dir: str | Path,
+    out_dir: str | Path,
+    cfg: ExtractTokensConfig,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Tokenize ``in_dir/{train,val}`` into ``out_dir/{train,val}`` plus ``manifest.json``; resumable per shard."""
+    in_dir, progress = Path(in_dir), progress or Silent()
+    source = json.loads((in_dir / "manifest.json").read_text())
+    tokenizer, config = load_tokenizer(tokenizer_stem, resolve_device(cfg.device))
+    if config["order"] != source["order"]:
+        raise ValueError(
+            f"{tokenizer_stem}.json is an order-{config['order']} tokenizer but {in_dir} holds order-"
+            f"{source['order']} decompositions: rerun train_tokenizer"
+        )
+    stem = Path(tokenizer_stem)
+    inputs = atomic.files_fingerprint(in_dir), atomic.files_fingerprint(stem.parent)
+    work = atomic.ResumableDir(out_dir, atomic.fingerprint(inputs))
+    urls = {split: split_shards(in_dir / split) for split in SPLITS}
+    progress.start("extract tokens", sum(source["splits"][s]["count"] for s in SPLITS), unit="images")
+    counts = {}
+    for split in SPLITS:
+        work.path(split).mkdir(exist_ok=True)
+        counts[split] = 0
+        for url in urls[split]:
+            name = f"{split}/{Path(url).name}"
+            if not work.done(name):
+                samples = tokenize_shard(list(shards.read_shard(url)), tokenizer, cfg.batch_size)
+                with atomic.writing(work.path(name)) as tmp:
+                    shards.write_shard(tmp, samples)
+            n = sum(1 for _ in shards.read_shard(str(work.path(name))))
+            counts[split] += n
+            progress.advance(n)
+    layout = tokenizer.layout
+    manifest = {
+        "splits": {split: {"count": counts[split], "shards": len(urls[split])} for split in SPLITS},
+        "classes": source["classes"],
+        "resolution": source["resolution"],
+        "order": layout.order,
+        "detail_depth": layout.detail_depth,
+        "scales": tokenizer.cfg.scales,
+        "codebook_size": tokenizer.cfg.codebook_size,
+        "latent_channels": tokenizer.cfg.latent_channels,
+        "layout": layout.to_json(),
+        "tokenizer": str(stem),
+    }
+    atomic.write_json(work.path("manifest.json"), manifest)
+    work.finish()
+    return manifest

@@ -1,0 +1,423 @@
+"""The one training loop, shared by the tokenizer and the transformer.
+
+A ``Task`` owns the models and says how to compute losses; this module does everything else the same way for
+both: device and DDP, AdamW with warm-up and cosine decay, gradient clipping, bf16 autocast on CUDA, dvclive
+logging, periodic evaluation, and checkpoints every N steps that a killed run resumes from.
+
+Checkpoints hold no pickles: tensors (models, optimiser state, RNG states) go to safetensors, everything else
+to JSON. A checkpoint is reused only if its fingerprint (parameters and inputs of the run) matches, so a changed
+experiment never resumes from a stale one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline import atomic
+from pipeline.config import Field, section
+from pipeline.progress import Progress, Silent
+from pipeline.runtime import Dist, dist_from_env, init_distributed, resolve_device
+
+
+@section
+class TrainConfig:
+    steps: int = Field(1000, ge=1, description="Optimiser steps in all.")
+    batch_size: int = Field(32, ge=1, description="Samples per step on each process (DDP: per GPU).")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate (after warm-up).")
+    warmup_steps: int = Field(50, ge=0, description="Linear warm-up from 0 to lr.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay ends at lr × this.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (never on norms, biases, embeddings).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW β1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW β2.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this (0: no clipping).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Autocast precision: auto is bf16 on CUDA and fp32 on CPU."
+    )
+    compile: bool = Field(False, description="torch.compile the model (worth it on GPU for long runs).")
+    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (a killed run loses fewer).")
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
+    log_every: int = Field(10, ge=1, description="Steps between logged training metrics.")
+    eval_every: int = Field(0, ge=0, description="Steps between validation passes (0: only at the end).")
+    num_workers: int = Field(1, ge=0, description="Data-loading worker processes per training process.")
+    shuffle_buffer: int = Field(1000, ge=1, description="Samples in the shuffle buffer of the shard loader.")
+    seed: int = Field(0, ge=0, description="Seed of initialisation, data order and dropout.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available.")
+
+
+@dataclass
+class Phase:
+    """One optimiser update per step: the loss of a batch, the optimiser, the parameters it clips."""
+
+    name: str
+    optimizer: torch.optim.Optimizer
+    loss: Callable[[Any, int], tuple[torch.Tensor | None, dict[str, float]]]  # (batch, step) → (loss or None, logs)
+    parameters: list[nn.Parameter] = field(default_factory=list)
+
+
+class Task(Protocol):
+    """What the loop trains. ``modules`` holds all state to checkpoint; ``wrap`` receives them DDP-wrapped."""
+
+    def modules(self) -> dict[str, nn.Module]: ...
+
+    def wrap(self, wrapped: dict[str, nn.Module]) -> None: ...
+
+    def phases(self, cfg: TrainConfig) -> list[Phase]: ...
+
+    def to_device(self, batch: Any, device: torch.device) -> Any: ...
+
+    def after_step(self, step: int, batch: Any) -> dict[str, float]: ...
+
+    def evaluate(self) -> dict[str, float]: ...
+
+
+@dataclass
+class RunPaths:
+    checkpoints: Path  # a DVC `persist` directory: survives between runs so that a killed run resumes
+    live: Path  # dvclive's directory (metrics and plots)
+
+
+def shard_training_loader(urls: list[str], decode: Callable, count: int, cfg: TrainConfig):
+    """The loader every training stage reads, and its batches per epoch (``count`` samples in ``urls``).
+
+    Resampled mode: every DDP rank yields the same number of batches, so ranks never disagree on the step count.
+    """
+    from pipeline.loader import ShardLoader
+
+    per_epoch = max(1, count // (cfg.batch_size * dist_from_env().world_size))
+    loader = ShardLoader(
+        urls,
+        decode,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        resampled=True,
+        batches_per_epoch=per_epoch,
+        shuffle_buffer=cfg.shuffle_buffer,
+        num_workers=cfg.num_workers,
+    )
+    return loader, per_epoch
+
+
+def adamw(groups: list[dict], cfg: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+
+
+def decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and convolution kernels only: never on norms, biases or embeddings."""
+    decay, no_decay = [], []
+    embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    for p in module.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay from 1 to min_lr_ratio over the remaining steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def autocast_context(cfg: TrainConfig, device: torch.device):
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: safetensors + JSON
+
+
+def _optimizer_tensors(name: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{name}.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(name: str, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        prefix, index, slot = key.split(".", 2)
+        if prefix == name:
+            state.setdefault(int(index), {})[slot] = value
+    for key, value in meta["scalars"].items():
+        index, slot = key.split(".", 1)
+        state.setdefault(int(index), {})[slot] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    version, internal, gauss = random.getstate()
+    numpy_state = np.random.get_state(legacy=False)  # MT19937: {"key": uint32 array, "pos": int}, ...
+    numpy_state["state"] = {"key": numpy_state["state"]["key"].tolist(), "pos": numpy_state["state"]["pos"]}
+    return tensors, {"python": [version, list(internal), gauss], "numpy": numpy_state}
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = dict(meta["numpy"])
+    numpy_state["state"] = {
+        "key": np.array(numpy_state["state"]["key"], dtype=np.uint32),
+        "pos": numpy_state["state"]["pos"],
+    }
+    np.random.set_state(numpy_state)
+
+
+def state_dict_tensors(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{k}": v.detach().cpu().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()
+    }
+
+
+def load_state_dict_tensors(modules: dict[str, nn.Module], tensors: dict[str, torch.Tensor]) -> None:
+    for name, module in modules.items():
+        prefix = f"{name}."
+        module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
+def save_checkpoint(
+    directory: Path,
+    step: int,
+    fingerprint: str,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    keep: int,
+) -> Path:
+    """Write ``directory/step-XXXXXXXX`` atomically and point ``latest.json`` at it; prune old ones."""
+    target = directory / f"step-{step:08d}"
+    optim_tensors, optim_meta = {}, {}
+    for name, optimizer in optimizers.items():
+        tensors, meta = _optimizer_tensors(name, optimizer)
+        optim_tensors.update(tensors)
+        optim_meta[name] = meta
+    rng_tensors, rng_meta = _rng_state()
+    with atomic.atomic_dir(target) as tmp:
+        save_file(state_dict_tensors(modules), str(tmp / "model.safetensors"))
+        save_file(optim_tensors or {"_empty": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        atomic.write_json(
+            tmp / "state.json", {"step": step, "fingerprint": fingerprint, "optimizers": optim_meta, "rng": rng_meta}
+        )
+    atomic.write_json(directory / "latest.json", {"step": step, "path": target.name, "fingerprint": fingerprint})
+    for old in sorted(directory.glob("step-*"))[:-keep]:
+        shutil.rmtree(old)
+    return target
+
+
+def latest_checkpoint(directory: Path, fingerprint: str) -> Path | None:
+    """The newest complete checkpoint made by a run with this fingerprint, if any."""
+    pointer = directory / "latest.json"
+    if not pointer.exists():
+        return None
+    latest = json.loads(pointer.read_text())
+    path = directory / latest["path"]
+    if latest["fingerprint"] != fingerprint or not (path / "state.json").exists():
+        return None
+    return path
+
+
+def load_checkpoint(
+    path: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer], restore_rng: bool
+) -> int:
+    state = json.loads((path / "state.json").read_text())
+    load_state_dict_tensors(modules, load_file(str(path / "model.safetensors")))
+    optim_tensors = load_file(str(path / "optimizer.safetensors"))
+    for name, optimizer in optimizers.items():
+        _load_optimizer(name, optimizer, optim_tensors, state["optimizers"][name])
+    if restore_rng:
+        _set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+    return state["step"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _batches(epoch_batches: Callable[[int], Iterator], batches_per_epoch: int | None, start_step: int) -> Iterator:
+    """Batches from ``start_step`` on, epoch after epoch: a resumed run reads what the uninterrupted one would."""
+    epoch, skip = (start_step // batches_per_epoch, start_step % batches_per_epoch) if batches_per_epoch else (0, 0)
+    while True:
+        produced = 0
+        for i, batch in enumerate(epoch_batches(epoch)):
+            produced += 1
+            if i >= skip:
+                yield batch
+        if produced == 0:
+            raise ValueError("the training split yields no full batch: lower batch_size or add data")
+        epoch, skip = epoch + 1, 0
+
+
+class _Live:
+    """dvclive on the main process, with the history of a resumed run cut back to its checkpoint."""
+
+    def __init__(self, directory: Path, start_step: int, enabled: bool):
+        self.live = None
+        if not enabled:
+            return
+        from dvclive import Live
+
+        if start_step > 0:
+            _truncate_history(directory, start_step)
+        self.live = Live(dir=str(directory), resume=start_step > 0, save_dvc_exp=False, dvcyaml=None, report=None)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.live is None:
+            return
+        self.live.step = step
+        for key, value in metrics.items():
+            self.live.log_metric(key, float(value))
+        self.live.make_summary()
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.end()
+
+
+def _truncate_history(directory: Path, start_step: int) -> None:
+    """Drop logged rows at or after ``start_step``: the resumed run logs those steps again."""
+    for tsv in (directory / "plots" / "metrics").rglob("*.tsv"):
+        lines = tsv.read_text().splitlines()
+        if not lines:
+            continue
+        header, rows = lines[0], lines[1:]
+        step_col = header.split("\t").index("step")
+        kept = [r for r in rows if int(r.split("\t")[step_col]) < start_step]
+        atomic.write_bytes(tsv, ("\n".join([header, *kept]) + "\n").encode())
+
+
+def train(
+    task: Task,
+    cfg: TrainConfig,
+    epoch_batches: Callable[[int], Iterator],
+    paths: RunPaths,
+    fingerprint: str,
+    *,
+    batches_per_epoch: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, float]:
+    """Train ``task`` for ``cfg.steps`` steps (resuming from a matching checkpoint); return the final evaluation.
+
+    ``epoch_batches(e)`` yields the batches of epoch e. With ``batches_per_epoch`` given (the resampled DDP mode)
+    a resumed run skips to its exact position; otherwise it starts the epoch it was in from the top.
+    """
+    progress = progress or Silent()
+    device = resolve_device(cfg.device)
+    dist = init_distributed(device)
+    torch.manual_seed(cfg.seed + dist.rank)
+    modules = task.modules()
+    for module in modules.values():
+        module.to(device)
+    task.wrap(_wrap(modules, dist, device, cfg))
+    phases = task.phases(cfg)
+    optimizers = {phase.name: phase.optimizer for phase in phases}
+
+    start_step = 0
+    checkpoint = latest_checkpoint(paths.checkpoints, fingerprint)
+    if checkpoint is not None:
+        start_step = load_checkpoint(checkpoint, modules, optimizers, restore_rng=not dist.enabled)
+        if dist.enabled:  # per-rank RNG streams are not checkpointed: continue them from a fresh, distinct seed
+            torch.manual_seed(cfg.seed + 1_000_003 * start_step + dist.rank)
+    live = _Live(paths.live, start_step, enabled=dist.is_main)
+    batches = _batches(epoch_batches, batches_per_epoch, start_step)
+    progress.start(f"train from step {start_step}", cfg.steps - start_step, unit="steps")
+    metrics: dict[str, float] = {}
+    window_start, window_samples = time.perf_counter(), 0
+    for step in range(start_step, cfg.steps):
+        batch = task.to_device(next(batches), device)
+        factor = lr_factor(step, cfg)
+        logs: dict[str, float] = {"lr": cfg.lr * factor}
+        for phase in phases:
+            for group in phase.optimizer.param_groups:
+                group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
+            with autocast_context(cfg, device):
+                loss, phase_logs = phase.loss(batch, step)
+            logs.update(phase_logs)
+            if loss is None:
+                continue
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"step {step}: {phase.name} loss is {loss.item()} (lower lr or check data)")
+            phase.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(phase.parameters, cfg.grad_clip)
+                logs[f"grad_norm_{phase.name}"] = float(norm)
+            phase.optimizer.step()
+        logs.update(task.after_step(step, batch))
+        window_samples += cfg.batch_size * dist.world_size
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            elapsed = time.perf_counter() - window_start
+            logs["samples_per_s"] = window_samples / max(elapsed, 1e-9)
+            live.log(step, {f"train/{k}" if "/" not in k else k: v for k, v in logs.items()})
+            window_start, window_samples = time.perf_counter(), 0
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+            metrics = _evaluate(task, dist)
+            live.log(step, metrics)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            if dist.is_main:
+                save_checkpoint(paths.checkpoints, done, fingerprint, modules, optimizers, cfg.keep_checkpoints)
+            _barrier(dist)
+        progress.advance()
+    if start_step >= cfg.steps:  # already finished: evaluate what the checkpoint holds
+        metrics = _evaluate(task, dist)
+    live.close()
+    return metrics
+
+
+def _wrap(modules: dict[str, nn.Module], dist: Dist, device: torch.device, cfg: TrainConfig) -> dict[str, nn.Module]:
+    wrapped = {}
+    for name, module in modules.items():
+        trainable = any(p.requires_grad for p in module.parameters())
+        if dist.enabled and trainable:
+            ids = [device.index] if device.type == "cuda" else None
+            module = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        if cfg.compile and trainable:
+            module = torch.compile(module)
+        wrapped[name] = module
+    return wrapped
+
+
+def _evaluate(task: Task, dist: Dist) -> dict[str, float]:
+    """Validation on the main process (the others wait): val sets are small next to training."""
+    metrics: dict[str, float] = {}
+    if dist.is_main:
+        with torch.no_grad():
+            metrics = task.evaluate()
+    _barrier(dist)
+    return metrics
+
+
+def _barrier(dist: Dist) -> None:
+    if dist.enabled:
+        torch.distributed.barrier()

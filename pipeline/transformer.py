@@ -1,0 +1,390 @@
+"""The next-detail transformer (CART paper §3.3): VAR's decoder-only transformer over the base–detail token maps.
+
+The sequence is every token map of an image in generation order (``TokenLayout``): the base maps r_1 … r_B, then
+the detail maps of D_n … D_1. Map 0 starts from the class token; map m > 0 reads f̂ after maps < m at map m's size
+(``Tokenizer.next_input``) and predicts map m's codes, all of them at once. A token sees its own map and every
+earlier map (block-causal attention). As in VAR, every block is conditioned on the class by adaptive layer norm and
+each token carries a learned position embedding plus an embedding of its map's level (every base scale and every
+detail level its own).
+
+Sampling goes map by map with a KV cache: map m's tokens attend to the cached keys and values of maps < m and to
+one another, so no mask is needed. Classifier-free guidance runs conditional and unconditional rows as one batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import Field, section
+from pipeline.tokenizer import Tokenizer, TokenLayout
+from pipeline.weights import load_config, load_state, save_weights
+
+
+@section
+class TransformerModelConfig:
+    depth: int = Field(4, ge=1, description="Transformer blocks.")
+    width: int = Field(0, ge=0, description="Embedding width (0: 64 × depth, VAR's mapping).")
+    heads: int = Field(0, ge=0, description="Attention heads (0: depth, as in VAR).")
+    mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden width / embedding width.")
+    qk_norm: bool = Field(True, description="Cosine attention: L2-normalised q, k with a learned per-head scale.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the attention and MLP outputs when training.")
+    class_dropout: float = Field(
+        0.1, ge=0, le=1, description="Probability that a training label becomes the unconditional class (for CFG)."
+    )
+    norm_eps: float = Field(1e-6, gt=0, description="Layer-norm epsilon.")
+
+    def __post_init__(self):
+        if self.resolved_width % self.resolved_heads:
+            raise ValueError(
+                f"width {self.resolved_width} (configured {self.width}) is not divisible by heads "
+                f"{self.resolved_heads} (configured {self.heads})"
+            )
+
+    @property
+    def resolved_width(self) -> int:
+        return self.width or 64 * self.depth
+
+    @property
+    def resolved_heads(self) -> int:
+        return self.heads or self.depth
+
+
+@section
+class SamplingConfig:
+    guidance: float = Field(
+        1.5,
+        ge=0,
+        description="Classifier-free guidance weight w: logits = uncond + w·(cond − uncond); 1 = no guidance. "
+        "VAR's cfg = c is w = 1 + c.",
+    )
+    guidance_schedule: Literal["linear", "constant"] = Field(
+        "linear", description="linear: the weight ramps from 1 at map 0 to w at the last map (VAR); constant: w."
+    )
+    top_k: int = Field(0, ge=0, description="Sample among the k likeliest codes (0: all).")
+    top_p: float = Field(0.0, ge=0, le=1, description="Nucleus sampling: the likeliest codes covering p (0 or 1: off).")
+    temperature: float = Field(1.0, gt=0, description="Logits are divided by this before filtering.")
+    seed: int = Field(0, ge=0, description="Seed of the sampling generator when none is passed.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The network
+
+
+class KVCache:
+    """One layer's keys and values of the tokens generated so far, filled map by map."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.length = capacity, 0
+        self.k_BHLc: torch.Tensor | None = None
+        self.v_BHLc: torch.Tensor | None = None
+
+    def extend(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append a map's keys and values; return those of every token so far."""
+        if self.k_BHLc is None:  # allocated once at the first map's dtype: no concatenation per map
+            B, H, _, c = k_BHlc.shape
+            self.k_BHLc = k_BHlc.new_empty(B, H, self.capacity, c)
+            self.v_BHLc = v_BHlc.new_empty(B, H, self.capacity, c)
+        end = self.length + k_BHlc.shape[2]
+        self.k_BHLc[:, :, self.length : end] = k_BHlc
+        self.v_BHLc[:, :, self.length : end] = v_BHlc
+        self.length = end
+        return self.k_BHLc[:, :, :end], self.v_BHLc[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int, qk_norm: bool):
+        super().__init__()
+        self.heads, self.qk_norm = heads, qk_norm
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        if qk_norm:
+            # Per-head temperature of cosine attention, learned in log space from 4 and capped at 100 (VAR).
+            self.log_scale_H = nn.Parameter(torch.full((heads,), math.log(4.0)))
+
+    def forward(
+        self, x_BLC: torch.Tensor, mask_LL: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        B, L, C = x_BLC.shape
+        H = self.heads
+        q, k, v = self.qkv(x_BLC).view(B, L, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)  # each BHLc
+        scale = None  # SDPA's default 1/√c
+        if self.qk_norm:
+            scale_H11 = self.log_scale_H.clamp_max(math.log(100.0)).exp().view(H, 1, 1)
+            q = F.normalize(q, dim=-1) * scale_H11.to(q.dtype)  # an fp32 scale must not promote bf16 q
+            k = F.normalize(k, dim=-1)
+            scale = 1.0
+        if cache is not None:
+            k, v = cache.extend(k, v)
+        y_BHLc = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LL, scale=scale)
+        return self.proj(y_BHLc.transpose(1, 2).reshape(B, L, C))
+
+
+class Block(nn.Module):
+    """VAR's AdaLNSelfAttn: pre-norm attention and tanh-GELU MLP, each shifted, scaled and gated by the class."""
+
+    def __init__(self, cfg: TransformerModelConfig):
+        super().__init__()
+        width = cfg.resolved_width
+        self.eps, self.dropout = cfg.norm_eps, cfg.dropout
+        self.attn = Attention(width, cfg.resolved_heads, cfg.qk_norm)
+        self.fc1 = nn.Linear(width, round(width * cfg.mlp_ratio))
+        self.fc2 = nn.Linear(round(width * cfg.mlp_ratio), width)
+
+    def forward(
+        self, x_BLC: torch.Tensor, mod_B16C: torch.Tensor, mask_LL: torch.Tensor | None, cache: KVCache | None
+    ) -> torch.Tensor:
+        gate1, gate2, scale1, scale2, shift1, shift2 = mod_B16C.unbind(2)  # each B1C
+        C = x_BLC.shape[-1]
+        h = torch.addcmul(shift1, F.layer_norm(x_BLC, (C,), eps=self.eps), scale1 + 1)
+        h = F.dropout(self.attn(h, mask_LL, cache), self.dropout, self.training)
+        x_BLC = torch.addcmul(x_BLC, gate1, h)
+        h = torch.addcmul(shift2, F.layer_norm(x_BLC, (C,), eps=self.eps), scale2 + 1)
+        h = F.dropout(self.fc2(F.gelu(self.fc1(h), approximate="tanh")), self.dropout, self.training)
+        return torch.addcmul(x_BLC, gate2, h)
+
+
+def block_causal_mask(lengths: list[int]) -> torch.Tensor:
+    """mask_LL[i, j]: token i may attend to token j, i.e. j's map is i's map or an earlier one."""
+    map_L = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    return map_L[None, :] <= map_L[:, None]
+
+
+class CART(nn.Module):
+    """Class-conditional decoder-only transformer over a ``TokenLayout``: logits over the codebook per token."""
+
+    def __init__(
+        self,
+        cfg: TransformerModelConfig,
+        layout: TokenLayout,
+        num_classes: int,
+        codebook_size: int,
+        latent_channels: int,
+    ):
+        super().__init__()
+        self.cfg, self.layout = cfg, layout
+        self.num_classes, self.codebook_size, self.latent_channels = num_classes, codebook_size, latent_channels
+        C = cfg.resolved_width
+        # Embeddings are nn.Embedding (tables, not matrices) so that decay_groups leaves them undecayed.
+        self.class_embed = nn.Embedding(num_classes + 1, C)  # the last row is the unconditional class
+        self.start_embed = nn.Embedding(layout.lengths[0], C)  # VAR's pos_start: map 0 = class + this
+        self.input_embed = nn.Linear(latent_channels, C)
+        self.pos_embed = nn.Embedding(layout.num_tokens, C)
+        level_ids = layout.map_level_ids()
+        self.level_embed = nn.Embedding(max(level_ids) + 1, C)
+        lengths = torch.tensor(layout.lengths)
+        self.register_buffer("level_L", torch.repeat_interleave(torch.tensor(level_ids), lengths), persistent=False)
+        self.register_buffer("mask_LL", block_causal_mask(layout.lengths), persistent=False)
+        # One GEMM yields every block's six AdaLN vectors and the head's two: the class is all they depend on.
+        self.ada_lin = nn.Linear(C, (6 * cfg.depth + 2) * C)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.head = nn.Linear(C, codebook_size)
+        self._init_weights()
+
+    @property
+    def unconditional(self) -> int:
+        """The class index of unconditional generation (classifier-free guidance)."""
+        return self.num_classes
+
+    def _init_weights(self, std: float = 0.02, adaln: float = 0.5, gate: float = 1e-5, head: float = 0.02):
+        """VAR's init: blocks start as near-identity (tiny gates), residual projections scaled by 1/√(2·depth)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.trunc_normal_(module.weight, std=std)
+            if isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+        C, depth = self.cfg.resolved_width, self.cfg.depth
+        with torch.no_grad():
+            self.head.weight.mul_(head)
+            rows = self.ada_lin.weight.view(6 * depth + 2, C, C)
+            rows.mul_(adaln)
+            rows[: 6 * depth].view(depth, 6, C, C)[:, :2].mul_(gate / adaln)  # gate1, gate2 of every block
+            for block in self.blocks:
+                block.attn.proj.weight.div_(math.sqrt(2 * depth))
+                block.fc2.weight.div_(math.sqrt(2 * depth))
+
+    # -- pieces shared by teacher forcing and sampling -------------------------------------------------------
+
+    def condition(self, label_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class embeddings and every AdaLN vector: (cond_BC, mod_B1KC) with K = 6·depth + 2."""
+        cond_BC = self.class_embed(label_B)
+        K = 6 * self.cfg.depth + 2
+        return cond_BC, self.ada_lin(F.silu(cond_BC)).view(len(label_B), 1, K, -1)
+
+    def position(self, start: int, end: int) -> torch.Tensor:
+        """Position plus level embedding of tokens start … end − 1: pos_lC."""
+        return self.pos_embed.weight[start:end] + self.level_embed(self.level_L[start:end])
+
+    def start_tokens(self, cond_BC: torch.Tensor) -> torch.Tensor:
+        """Map 0's input: the class embedding at every position of the first map."""
+        L0 = self.layout.lengths[0]
+        return cond_BC[:, None] + (self.start_embed.weight + self.position(0, L0))
+
+    def trunk(
+        self,
+        x_BLC: torch.Tensor,
+        mod_B1KC: torch.Tensor,
+        mask_LL: torch.Tensor | None,
+        caches: list[KVCache] | None = None,
+    ) -> torch.Tensor:
+        """Blocks and the head's AdaLN: h_BLC, which ``self.head`` maps to logits."""
+        for i, block in enumerate(self.blocks):
+            x_BLC = block(x_BLC, mod_B1KC[:, :, 6 * i : 6 * i + 6], mask_LL, None if caches is None else caches[i])
+        scale, shift = mod_B1KC[:, :, -2:].unbind(2)
+        return torch.addcmul(shift, F.layer_norm(x_BLC, x_BLC.shape[-1:], eps=self.cfg.norm_eps), scale + 1)
+
+    # -- teacher forcing ---------------------------------------------------------------------------------------
+
+    def forward(self, label_B: torch.Tensor, x_BlC: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: logits_BLV of every token from the class and the inputs of maps 1 … M−1.
+
+        ``x_BlC`` is ``Tokenizer.teacher_forcing_inputs``; the inputs of maps 1 … m only (any whole-map prefix)
+        give the logits of maps 0 … m, the same as the full sequence would (the mask is block-causal).
+        """
+        if self.training and self.cfg.class_dropout > 0:
+            dropped_B = torch.rand(label_B.shape, device=label_B.device) < self.cfg.class_dropout
+            label_B = torch.where(dropped_B, self.unconditional, label_B)
+        L0 = self.layout.lengths[0]
+        L = L0 + x_BlC.shape[1]
+        if L not in self.layout.offsets:
+            raise ValueError(f"{x_BlC.shape[1]} input tokens are not the inputs of whole maps 1 … m")
+        cond_BC, mod_B1KC = self.condition(label_B)
+        x_BLC = torch.cat([self.start_tokens(cond_BC), self.input_embed(x_BlC) + self.position(L0, L)], dim=1)
+        return self.head(self.trunk(x_BLC, mod_B1KC, self.mask_LL[:L, :L]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def guidance_weight(cfg: SamplingConfig, map_index: int, num_maps: int) -> float:
+    """w at map m: ramping linearly from 1 (map 0) to cfg.guidance (last map), as VAR's t = cfg·m/(M−1)."""
+    if cfg.guidance_schedule == "constant":
+        return cfg.guidance
+    ratio = map_index / (num_maps - 1) if num_maps > 1 else 1.0
+    return 1 + (cfg.guidance - 1) * ratio
+
+
+def sample_tokens(logits_BlV: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """One code per token: temperature, top-k, top-p, then a draw with ``generator``: idx_Bl."""
+    B, l, V = logits_BlV.shape
+    logits_NV = logits_BlV.float().flatten(0, 1) / cfg.temperature
+    candidates_NV = None  # codes of the kept columns when filtering narrowed them (descending logit order)
+    if 0 < cfg.top_k < V:
+        logits_NV, candidates_NV = logits_NV.topk(cfg.top_k, dim=-1)
+    if 0 < cfg.top_p < 1:
+        if candidates_NV is None:
+            logits_NV, candidates_NV = logits_NV.sort(dim=-1, descending=True)
+        probs_NV = logits_NV.softmax(-1)
+        # Drop a code once the likelier ones already cover top_p: the likeliest always stays.
+        logits_NV = logits_NV.masked_fill(probs_NV.cumsum(-1) - probs_NV >= cfg.top_p, -torch.inf)
+    # Inverse-CDF draw: one uniform per token, where torch.multinomial would draw one per candidate code.
+    cdf_NV = logits_NV.softmax(-1).cumsum(-1)
+    total_N1 = cdf_NV[:, -1:]
+    u_N1 = torch.rand(total_N1.shape, generator=generator, device=cdf_NV.device) * total_N1
+    u_N1 = torch.minimum(u_N1, torch.nextafter(total_N1, torch.zeros_like(total_N1)))  # u < total despite rounding
+    choice_N1 = torch.searchsorted(cdf_NV, u_N1, right=True)  # right: a code of probability 0 is never drawn
+    idx_N1 = choice_N1 if candidates_NV is None else candidates_NV.gather(-1, choice_N1)
+    return idx_N1.view(B, l)
+
+
+@torch.no_grad()
+def generate(
+    model: CART,
+    tokenizer: Tokenizer,
+    label_B: torch.Tensor,
+    cfg: SamplingConfig,
+    generator: torch.Generator | None = None,
+    on_map: Callable[[int, list[torch.Tensor]], None] | None = None,
+    prefix: list[torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """Sample token maps idx_Bhw in generation order, map by map with a KV cache.
+
+    ``generator`` (default: seeded with cfg.seed on the labels' device) makes the draw deterministic;
+    ``on_map(m, indices)`` is called after each map with the maps so far (e.g. to decode prefixes). ``prefix``
+    gives the first maps instead of sampling them (e.g. base maps, to sample only the details): they are returned
+    as they are and draw nothing from the generator.
+    """
+    if generator is None:
+        generator = torch.Generator(label_B.device).manual_seed(cfg.seed)
+    layout, B = model.layout, len(label_B)
+    prefix = prefix or []
+    expected = [(B, m.side, m.side) for m in layout.maps[: len(prefix)]]
+    if len(prefix) > layout.num_maps or [tuple(i.shape) for i in prefix] != expected:
+        raise ValueError(f"prefix shapes {[tuple(i.shape) for i in prefix]}: expected the first maps, {expected}")
+    guided = cfg.guidance != 1.0
+    if guided:
+        label_B = torch.cat([label_B, torch.full_like(label_B, model.unconditional)])
+    cond_BC, mod_B1KC = model.condition(label_B)
+    caches = [KVCache(layout.num_tokens) for _ in model.blocks]
+    x_BlC = model.start_tokens(cond_BC)
+    f_hat_BChw, indices = None, []
+    for m, token_map in enumerate(layout.maps):
+        h_BlC = model.trunk(x_BlC, mod_B1KC, None, caches)  # a given map still fills the cache
+        if m < len(prefix):
+            idx_Bhw = prefix[m]
+        else:
+            if guided:
+                # The head is affine, so guiding its input guides the logits (uncond + w·(cond − uncond)) at half
+                # the cost of a head over both halves.
+                cond_BlC, uncond_BlC = h_BlC.chunk(2)
+                h_BlC = torch.lerp(uncond_BlC, cond_BlC, guidance_weight(cfg, m, layout.num_maps))
+            idx_Bhw = sample_tokens(model.head(h_BlC), cfg, generator).view(B, token_map.side, token_map.side)
+        indices.append(idx_Bhw)
+        if on_map is not None:
+            on_map(m, list(indices))
+        if m + 1 == layout.num_maps:
+            break
+        h_BChw = tokenizer.map_contribution(idx_Bhw, m)
+        f_hat_BChw = h_BChw if f_hat_BChw is None else f_hat_BChw + h_BChw
+        next_BlC = tokenizer.next_input(f_hat_BChw, m + 1).flatten(2).transpose(1, 2)
+        x_BlC = model.input_embed(next_BlC) + model.position(layout.offsets[m + 1], layout.offsets[m + 2])
+        if guided:
+            x_BlC = x_BlC.repeat(2, 1, 1)
+    return indices
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights
+
+
+def layout_scales(layout: TokenLayout) -> list[int]:
+    """Scales that rebuild ``layout`` with its order and detail_depth (detail maps count as latent-side scales)."""
+    return [m.side for m in layout.maps]
+
+
+def save_transformer(stem: str | Path, model: CART, extra: dict | None = None) -> None:
+    """``<stem>.safetensors`` + ``<stem>.json``: architecture, class count, codebook, latent channels, layout."""
+    layout = model.layout
+    config = {
+        "model": dataclasses.asdict(model.cfg),
+        "num_classes": model.num_classes,
+        "codebook_size": model.codebook_size,
+        "latent_channels": model.latent_channels,
+        "layout": {**layout.to_json(), "scales": layout_scales(layout)},
+        **(extra or {}),
+    }
+    save_weights(stem, model, config)
+
+
+def load_transformer(stem: str | Path, device: torch.device | str = "cpu") -> tuple[CART, dict]:
+    """The transformer saved at ``stem`` (in eval mode) and its config."""
+    config = load_config(stem)
+    saved = config["layout"]
+    layout = TokenLayout(saved["scales"], saved["order"], saved["detail_depth"])
+    model = CART(
+        TransformerModelConfig(**config["model"]),
+        layout,
+        config["num_classes"],
+        config["codebook_size"],
+        config["latent_channels"],
+    )
+    model.load_state_dict(load_state(stem, device))
+    return model.to(device).eval(), config

@@ -1,0 +1,198 @@
+"""Training the next-detail transformer (paper §3.3) with the shared loop of ``pipeline.train``.
+
+Teacher forcing reads the stored tokens of an image, rebuilds with the frozen tokenizer the input of every map
+(f̂ after the maps before it, exactly as sampling will) and predicts all maps at once; the loss is the
+cross-entropy over all tokens. Loss and accuracy are also logged per map, so the difficulty of base scales and
+detail maps can be told apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import atomic
+from pipeline.config import Field, section
+from pipeline.progress import Progress
+from pipeline.tokenizer import Tokenizer, TokenLayout, load_tokenizer
+from pipeline.tokens import decode_token_sample, layout_from_manifest, split_maps
+from pipeline.train import Phase, RunPaths, TrainConfig, adamw, decay_groups
+from pipeline.transformer import CART, SamplingConfig, TransformerModelConfig, save_transformer
+
+
+@section
+class TransformerConfig:
+    model: TransformerModelConfig = Field(default_factory=TransformerModelConfig, description="Architecture.")
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(weight_decay=0.05, beta1=0.9, beta2=0.95),
+        description="Optimisation (AdamW β = (0.9, 0.95), weight decay 0.05 as in VAR).",
+    )
+    sampling: SamplingConfig = Field(
+        default_factory=SamplingConfig, description="How `cart sample` and `evaluate` draw images by default."
+    )
+
+
+def map_names(layout: TokenLayout) -> list[str]:
+    """A readable name per map for the logs: ``m0_base1x1`` … ``m6_D1_8x8``."""
+    return [
+        f"m{i}_base{m.side}x{m.side}" if m.is_base else f"m{i}_D{m.level}_{m.side}x{m.side}"
+        for i, m in enumerate(layout.maps)
+    ]
+
+
+class TransformerTask:
+    """The transformer as the training loop sees it; the tokenizer is a frozen tool that builds the inputs."""
+
+    def __init__(self, model: CART, tokenizer: Tokenizer, val_batches: Callable[[], Iterator]):
+        self.model, self.tokenizer, self.val_batches = model, tokenizer.requires_grad_(False).eval(), val_batches
+        self.net: torch.nn.Module = model
+        self.names = map_names(model.layout)
+        # Which map each token belongs to: the per-map sums of the loss are one scatter, not a loop over maps.
+        ids = [m for m, length in enumerate(model.layout.lengths) for _ in range(length)]
+        self.map_of_token_L = torch.tensor(ids)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"transformer": self.model}
+
+    def wrap(self, wrapped: dict[str, torch.nn.Module]) -> None:
+        self.net = wrapped["transformer"]
+        device = next(self.model.parameters()).device
+        self.tokenizer.to(device)
+        self.map_of_token_L = self.map_of_token_L.to(device)
+
+    def phases(self, cfg: TrainConfig) -> list[Phase]:
+        optimizer = adamw(decay_groups(self.model, cfg.weight_decay), cfg)
+        return [Phase("transformer", optimizer, self.loss, list(self.model.parameters()))]
+
+    def to_device(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        idx_BL, label_B = batch
+        return idx_BL.to(device, non_blocking=True), label_B.to(device, non_blocking=True)
+
+    def inputs(self, idx_BL: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.teacher_forcing_inputs(split_maps(idx_BL, self.model.layout))
+
+    def loss(self, batch, step: int):
+        idx_BL, label_B = batch
+        logits_BLV = self.net(label_B, self.inputs(idx_BL))
+        loss_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), idx_BL, reduction="none")
+        logs = {"loss": loss_BL.mean().item()}
+        with torch.no_grad():
+            logs |= self._per_map(loss_BL, logits_BLV.argmax(-1) == idx_BL)
+        return loss_BL.mean(), logs
+
+    def _per_map(self, loss_BL: torch.Tensor, correct_BL: torch.Tensor) -> dict[str, float]:
+        sums = torch.zeros(2, len(self.names), device=loss_BL.device, dtype=torch.float64)
+        sums[0].index_add_(0, self.map_of_token_L, loss_BL.sum(0).double())
+        sums[1].index_add_(0, self.map_of_token_L, correct_BL.sum(0).double())
+        sums /= torch.tensor(self.model.layout.lengths, device=sums.device) * loss_BL.shape[0]
+        loss_M, acc_M = sums.tolist()
+        return {f"loss_{n}": v for n, v in zip(self.names, loss_M, strict=True)} | {
+            f"acc_{n}": v for n, v in zip(self.names, acc_M, strict=True)
+        }
+
+    def after_step(self, step: int, batch) -> dict[str, float]:
+        return {}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        return {f"val/{k}": v for k, v in evaluate_transformer(self.model, self.tokenizer, self.val_batches()).items()}
+
+
+@torch.no_grad()
+def evaluate_transformer(model: CART, tokenizer: Tokenizer, batches: Iterator) -> dict[str, float]:
+    """Teacher-forced val loss and token accuracy, overall and per map, with the true labels (no dropout)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    task = TransformerTask(model, tokenizer, lambda: iter(()))
+    task.map_of_token_L = task.map_of_token_L.to(device)
+    sums: dict[str, float] = {}
+    count = 0
+    for idx_BL, label_B in batches:
+        idx_BL, label_B = idx_BL.to(device), label_B.to(device)
+        logits_BLV = model(label_B, task.inputs(idx_BL))
+        loss_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), idx_BL, reduction="none")
+        correct_BL = logits_BLV.argmax(-1) == idx_BL
+        batch = {"loss": loss_BL.mean().item(), "acc": correct_BL.float().mean().item()}
+        batch |= task._per_map(loss_BL, correct_BL)
+        for k, v in batch.items():
+            sums[k] = sums.get(k, 0.0) + v * len(label_B)
+        count += len(label_B)
+    model.train(was_training)
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+@dataclass(frozen=True)
+class TransformerPaths:
+    tokens: Path  # data/tokens
+    tokenizer: Path  # models/tokenizer/tokenizer (stem)
+    model: Path  # models/transformer/transformer (stem)
+    checkpoints: Path  # persist
+    live: Path  # persist: dvclive
+    metrics: Path  # metrics/transformer.json
+
+
+def build_model(cfg: TransformerModelConfig, manifest: dict[str, Any], seed: int) -> CART:
+    torch.manual_seed(seed)
+    return CART(
+        cfg,
+        layout_from_manifest(manifest),
+        len(manifest["classes"]),
+        manifest["codebook_size"],
+        manifest["latent_channels"],
+    )
+
+
+def train_transformer(
+    cfg: TransformerConfig, paths: TransformerPaths, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Train (resuming from a matching checkpoint), save the weights, return val metrics before and after."""
+    from pipeline.decomposed import split_shards
+    from pipeline.loader import ShardLoader
+    from pipeline.runtime import dist_from_env
+    from pipeline.train import shard_training_loader, train
+
+    manifest = json.loads((paths.tokens / "manifest.json").read_text())
+    tokenizer, tokenizer_config = load_tokenizer(paths.tokenizer)
+    if tokenizer_config["layout"] != manifest["layout"]:
+        raise ValueError(
+            f"{paths.tokens} was tokenized with another layout than {paths.tokenizer}.json: rerun extract_tokens"
+        )
+    train_urls, val_urls = split_shards(paths.tokens / "train"), split_shards(paths.tokens / "val")
+    if not train_urls or not val_urls:
+        raise FileNotFoundError(f"{paths.tokens}: the transformer needs train and val token shards")
+    count = manifest["splits"]["train"]["count"]
+    train_loader, per_epoch = shard_training_loader(train_urls, decode_token_sample, count, cfg.train)
+    val_loader = ShardLoader(val_urls, decode_token_sample, batch_size=128, shuffle=False)
+    model = build_model(cfg.model, manifest, cfg.train.seed)
+    # The untrained model's val loss is the reference for "val loss falls on every map".
+    before = evaluate_transformer(model, tokenizer, iter(val_loader.epoch(0))) if dist_from_env().is_main else {}
+    task = TransformerTask(model, tokenizer, lambda: iter(val_loader.epoch(0)))
+    settings = {"model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train)}
+    fingerprint = atomic.fingerprint(
+        settings, atomic.files_fingerprint(paths.tokens), atomic.files_fingerprint(paths.tokenizer.parent)
+    )
+    run = RunPaths(paths.checkpoints, paths.live)
+    after = train(task, cfg.train, train_loader.epoch, run, fingerprint, batches_per_epoch=per_epoch, progress=progress)
+    if not dist_from_env().is_main:
+        return {}
+    save_transformer(paths.model, model.eval(), {"tokenizer": str(paths.tokenizer), "classes": manifest["classes"]})
+    names = map_names(model.layout)
+    result = {
+        "val_loss": after["val/loss"],
+        "val_acc": after["val/acc"],
+        "val_loss_untrained": before["loss"],
+        "val_loss_per_map": {n: after[f"val/loss_{n}"] for n in names},
+        "val_loss_per_map_untrained": {n: before[f"loss_{n}"] for n in names},
+        "val_acc_per_map": {n: after[f"val/acc_{n}"] for n in names},
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    atomic.write_json(paths.metrics, result)
+    return result

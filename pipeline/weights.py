@@ -1,0 +1,35 @@
+"""Final model weights as ``<stem>.safetensors`` plus ``<stem>.json`` (its config): nothing is unpickled to load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline import atomic
+
+
+def save_weights(stem: str | Path, module: nn.Module, config: dict[str, Any]) -> None:
+    stem = Path(stem)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    with atomic.writing(stem.with_suffix(".safetensors")) as tmp:
+        save_file(state, str(tmp))
+    atomic.write_json(stem.with_suffix(".json"), config)
+
+
+def load_config(stem: str | Path) -> dict[str, Any]:
+    path = Path(stem).with_suffix(".json")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model config (train the model first)")
+    return json.loads(path.read_text())
+
+
+def load_state(stem: str | Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    path = Path(stem).with_suffix(".safetensors")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file (train the model first)")
+    return load_file(str(path), device=str(device))

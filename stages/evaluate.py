@@ -1,0 +1,62 @@
+"""`cart evaluate`: sample the trained transformer and measure it (FID/KID/IS/PRC, class consistency)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages.common import ParamsOption, load, progress, reports_errors, summary
+
+PATHS = dict(
+    shards=Path("data/shards"),
+    tokens=Path("data/tokens"),
+    tokenizer=Path("models/tokenizer/tokenizer"),
+    transformer=Path("models/transformer/transformer"),
+    evaluator=Path("models/evaluator/evaluator"),
+    metrics=Path("metrics/eval.json"),
+    reports=Path("reports/evaluate"),
+)
+
+
+@reports_errors
+def command(params: ParamsOption = Path("params.yaml")) -> None:
+    """Sample `evaluate.samples_per_class` images per class and compare them with the val images.
+
+    torch-fidelity computes FID, KID, Inception Score and precision/recall with the reference classifier
+    (`*_ref`) and, when its weights are on disk, Inception-v3 (`*_inception`). Also: class consistency, the same
+    metrics for the tokenizer's val reconstructions (the ceiling) and an untrained transformer (the floor), and
+    FID of generation at `evaluate.highres_scale`× against bilinear upsampling. Writes `metrics/eval.json` and
+    the figures in `reports/evaluate/`.
+    """
+    from pipeline.evaluation import EvaluatePaths, evaluate
+
+    p = load(params)
+    with progress() as bar:
+        m = evaluate(p.evaluate, p.transformer.sampling, EvaluatePaths(**PATHS), bar)
+    rows = []
+    for suffix in ("ref", "inception"):
+        if f"fid_{suffix}" in m:
+            rows.append(
+                (
+                    f"FID ({suffix})",
+                    f"{m[f'fid_{suffix}']:.2f} (ceiling {m[f'reconstruction_fid_{suffix}']:.2f}, "
+                    f"untrained {m[f'untrained_fid_{suffix}']:.2f})",
+                )
+            )
+    rows.append(("KID (ref)", f"{m['kid_ref']:.4f}"))
+    rows.append(("IS (ref)", f"{m['isc_ref']:.2f}"))
+    rows.append(("precision / recall (ref)", f"{m['precision_ref']:.3f} / {m['recall_ref']:.3f}"))
+    rows.append(
+        (
+            "class consistency",
+            f"{m['class_consistency_ref']:.3f} (untrained {m['untrained_class_consistency_ref']:.3f}, "
+            f"chance {m['chance_class_consistency']:.3f})",
+        )
+    )
+    if "highres_fid_ref" in m:
+        rows.append(
+            (
+                f"×{m['highres_scale']} FID (ref)",
+                f"CART {m['highres_fid_ref']:.2f}, bilinear {m['highres_bilinear_fid_ref']:.2f}",
+            )
+        )
+    summary("evaluate", rows)

@@ -1,0 +1,36 @@
+"""`cart extract-tokens`: data/decomposed → data/tokens, every image as its token maps (Algorithm 1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages.common import ParamsOption, load, progress, reports_errors, summary
+
+IN, OUT, TOKENIZER = Path("data/decomposed"), Path("data/tokens"), Path("models/tokenizer/tokenizer")
+
+
+@reports_errors
+def command(params: ParamsOption = Path("params.yaml")) -> None:
+    """Tokenize every decomposed image with the trained tokenizer: `data/tokens/{train,val}` shards.
+
+    Each sample holds `tokens.npy` (int16, all token maps concatenated in generation order: base scales, then
+    the detail maps of D_n … D_1) and `cls`; `manifest.json` records the layout (size and kind of every map).
+    Killed and rerun, finished shards are kept.
+    """
+    from pipeline.tokens import extract_tokens
+
+    cfg = load(params).tokens
+    with progress() as bar:
+        manifest = extract_tokens(TOKENIZER, IN, OUT, cfg, bar)
+    maps = manifest["layout"]["maps"]
+    base = [f"{m['h']}×{m['w']}" for m in maps if m["kind"] == "base"]
+    detail = [f"D{m['level']} {m['h']}×{m['w']}" for m in maps if m["kind"] == "detail"]
+    summary(
+        f"extract-tokens → {OUT}",
+        [
+            ("images", ", ".join(f"{s} {v['count']}" for s, v in manifest["splits"].items())),
+            ("tokens per image", manifest["layout"]["num_tokens"]),
+            ("base maps", " ".join(base)),
+            ("detail maps", " ".join(detail) or "none (order 0: VAR)"),
+        ],
+    )

@@ -1,0 +1,43 @@
+"""`cart train-tokenizer`: data/decomposed → models/tokenizer, the base–detail multi-scale VQ-VAE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages.common import ParamsOption, load, progress, reports_errors, summary
+
+PATHS = dict(
+    data=Path("data/decomposed"),
+    models=Path("models/tokenizer"),
+    checkpoints=Path("models/checkpoints/tokenizer"),
+    live=Path("metrics/train_tokenizer"),
+    metrics=Path("metrics/tokenizer.json"),
+    reports=Path("reports/tokenizer"),
+)
+
+
+@reports_errors
+def command(params: ParamsOption = Path("params.yaml")) -> None:
+    """Train the tokenizer (paper §3.2, eq. 6) on the decomposed shards, then measure it on val.
+
+    With `tokenizer.compare`, a single-scale VQ-VAE and VAR's multi-scale VQ-VAE (order 0) are trained with the
+    same budget for the Figure-7 comparison. Checkpoints every `tokenizer.train.checkpoint_every` steps: killed and
+    rerun (also under `torchrun`), training resumes. Final weights: `models/tokenizer/tokenizer.safetensors` + `.json`.
+    """
+    from pipeline.tokenizer_training import TokenizerPaths, train_tokenizers
+
+    p = load(params)
+    with progress() as bar:
+        results = train_tokenizers(p.tokenizer, p.decompose.order, p.data.resolution, TokenizerPaths(**PATHS), bar)
+    rows = []
+    for name, r in results.items():
+        lpips = f", LPIPS {r['lpips']:.3f}" if "lpips" in r else ""
+        rows.append(
+            (
+                f"{name} (order {r['order']}, {r['maps']} maps)",
+                f"PSNR {r['psnr']:.2f} dB{lpips}, codebook used {100 * r['codebook_used']:.0f}%, "
+                f"perplexity {r['perplexity']:.0f}",
+            )
+        )
+    if rows:
+        summary("train-tokenizer (val)", rows)

@@ -1,0 +1,71 @@
+"""`cart train-evaluator` and `cart evaluate`: metrics named by their network, ceiling and floor, figures, 2×."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline.highres import generate_highres
+from pipeline.params import load_params
+from pipeline.tokenizer import load_tokenizer
+from pipeline.transformer import load_transformer
+from stages.cli import app
+from tests.workspace import add_tokens
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def trained(workspace) -> Path:
+    add_tokens(workspace)
+    for stage in ("train-transformer", "train-evaluator"):
+        result = runner.invoke(app, [stage])
+        assert result.exit_code == 0, result.output
+    return workspace
+
+
+def test_evaluate_writes_suffixed_metrics_with_ceiling_floor_and_figures(trained):
+    result = runner.invoke(app, ["evaluate"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(Path("metrics/eval.json").read_text())
+    for prefix in ("", "reconstruction_", "untrained_"):
+        for name in ("fid", "kid", "isc", "precision", "recall"):
+            assert math.isfinite(metrics[f"{prefix}{name}_ref"])
+    assert not any(key.startswith("fid") and not key.endswith(("_ref", "_inception")) for key in metrics)
+    assert "fid_inception" not in metrics  # no Inception weights here: never mixed in, never faked
+    assert 0 <= metrics["class_consistency_ref"] <= 1
+    assert metrics["samples"] == 8 * 4
+    assert math.isfinite(metrics["highres_fid_ref"]) and math.isfinite(metrics["highres_bilinear_fid_ref"])
+    for figure in ("samples", "progressive", "generated_decomposition", "highres"):
+        assert Path(f"reports/evaluate/{figure}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_highres_doubles_the_side_and_keeps_the_trained_base(trained):
+    model, config = load_transformer("models/transformer/transformer")
+    tokenizer, _ = load_tokenizer(config["tokenizer"])
+    sampling = load_params(Path("params.yaml")).transformer.sampling
+    result = generate_highres(model, tokenizer, torch.tensor([0, 5]), sampling, scale=2)
+    side = result.plain_N3HW.shape[-1]
+    assert result.images_N3HW.shape == (2, 3, 2 * side, 2 * side)
+    # Averaging 2×2 blocks brings the 2× image back near the plain sample: the same base, details added.
+    down = torch.nn.functional.avg_pool2d(result.images_N3HW, 2)
+    other = torch.roll(result.plain_N3HW, 1, dims=0)
+    assert (down - result.plain_N3HW).abs().mean() < (down - other).abs().mean()
+
+
+def test_sample_scale_2_writes_the_comparison_figure(trained):
+    result = runner.invoke(app, ["sample", "--scale", "2", "--classes", "0", "--n", "2", "--out", "fig6.png"])
+    assert result.exit_code == 0, result.output
+    assert Path("fig6.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_without_the_reference_classifier_says_which_stage_to_run(workspace):
+    add_tokens(workspace)
+    assert runner.invoke(app, ["train-transformer"]).exit_code == 0
+    result = runner.invoke(app, ["evaluate"])
+    assert result.exit_code == 1 and "train_evaluator" in result.output

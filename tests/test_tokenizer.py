@@ -1,0 +1,253 @@
+"""The base–detail multi-scale VQ-VAE: Algorithms 1 and 2, VAR as order 0, prefixes, LPIPS loading, the stage."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from pipeline.tokenizer import Tokenizer, TokenizerModelConfig, TokenLayout, load_tokenizer
+from pipeline.tokenizer_training import MissingWeights, load_lpips
+from stages.cli import app
+
+HERE = Path(__file__).resolve().parent
+SMALL = TokenizerModelConfig(
+    channels=8, channel_multipliers=[1, 2], latent_channels=8, codebook_size=64, scales=[1, 2, 4, 6, 8]
+)
+
+
+def batch(order: int, n: int = 3, side: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, side, side, generator=g), torch.rand(n, order, 3, side, side, generator=g)
+
+
+def make(order: int, cfg: TokenizerModelConfig = SMALL, seed: int = 0) -> Tokenizer:
+    torch.manual_seed(seed)
+    model = Tokenizer(cfg, order).eval()
+    with torch.no_grad():  # codes spread like real encoder outputs, so that every map picks varied codes
+        model.codebook.weight.normal_(0, 0.5)
+    return model
+
+
+def test_layout_puts_base_scales_first_then_full_resolution_details():
+    layout = TokenLayout([1, 2, 3, 4, 6, 8], order=2, detail_depth=1)
+    assert [(m.side, m.level) for m in layout.maps] == [(1, 0), (2, 0), (3, 0), (4, 0), (8, 2), (8, 1)]
+    assert layout.num_tokens == 1 + 4 + 9 + 16 + 64 + 64
+    assert layout.component_ends() == [4, 5, 6]
+    assert layout.map_level_ids() == [0, 1, 2, 3, 4, 5]
+    var = TokenLayout([1, 2, 3, 4, 6, 8], order=0, detail_depth=1)
+    assert all(m.is_base for m in var.maps) and var.component_ends() == [6]
+    with pytest.raises(ValueError, match="no base map"):
+        TokenLayout([1, 2], order=2, detail_depth=1)
+
+
+@pytest.mark.parametrize("order", [0, 2])
+def test_algorithm_1_then_2_reproduces_the_forward_reconstruction_exactly(order):
+    model = make(order)
+    image, bases = batch(order)
+    with torch.no_grad():
+        decoded, quantized = model(image, bases, decode=[order])
+        indices = model.tokenize(image, bases)
+        f_hat = model.compose(indices)
+        reconstruction = model.decode(f_hat)
+    assert all(torch.equal(a, b) for a, b in zip(indices, quantized.indices, strict=True))
+    assert torch.equal(f_hat, quantized.prefixes[-1])
+    assert torch.equal(reconstruction, decoded[:, 0])
+    assert [tuple(i.shape[1:]) for i in indices] == [(m.side, m.side) for m in model.layout.maps]
+
+
+def test_order_0_is_var_multi_scale_residual_quantisation():
+    """An independent VAR-style residual quantiser over the same codebook and φ picks the same codes."""
+    model = make(0)
+    image, bases = batch(0)
+    with torch.no_grad():
+        f = model.encoder(image * 2 - 1)
+        rest, f_hat, expected = f.clone(), torch.zeros_like(f), []
+        for m, side in enumerate(SMALL.scales):
+            pooled = F.interpolate(rest, size=(side, side), mode="area")
+            flat = pooled.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+            idx = torch.cdist(flat, model.codebook.weight).argmin(1).view(-1, side, side)
+            z = model.codebook(idx).permute(0, 3, 1, 2)
+            h = model.phi(F.interpolate(z, size=f.shape[-2:], mode="bicubic") if side != 8 else z, m)
+            f_hat, rest = f_hat + h, rest - h
+            expected.append(idx)
+        indices = model.tokenize(image, bases)
+    assert all(torch.equal(a, b) for a, b in zip(indices, expected, strict=True))
+    assert torch.allclose(model.compose(indices), f_hat, atol=1e-6)
+
+
+def test_vanilla_vqvae_is_one_full_resolution_map():
+    cfg = TokenizerModelConfig(**{**SMALL.__dict__, "scales": [8]})
+    model = make(0, cfg)
+    indices = model.tokenize(*batch(0))
+    assert len(indices) == 1 and indices[0].shape == (3, 8, 8)
+
+
+def test_without_error_feedback_each_detail_is_quantised_alone():
+    cfg = TokenizerModelConfig(**{**SMALL.__dict__, "detail_error_feedback": False})
+    model = make(2, cfg)
+    image, bases = batch(2)
+    with torch.no_grad():
+        f_levels = model.encode_levels(image, bases)
+        first_detail = model.layout.num_base  # quantises f_{D_2} = f_{B_1} − f_{B_2}
+        expected = model.nearest_codes(f_levels[1] - f_levels[2])
+        assert torch.equal(model.tokenize(image, bases)[first_detail], expected)
+
+
+def test_teacher_forcing_input_of_each_map_is_the_composition_of_the_maps_before_it():
+    model = make(2)
+    indices = model.tokenize(*batch(2))
+    x = model.teacher_forcing_inputs(indices)
+    layout = model.layout
+    assert x.shape == (3, layout.num_tokens - 1, SMALL.latent_channels)
+    for m in range(1, layout.num_maps):
+        expected = model.next_input(model.compose(indices, m), m).flatten(2).transpose(1, 2)
+        start = layout.offsets[m] - 1
+        assert torch.allclose(x[:, start : start + layout.lengths[m]], expected, atol=1e-6)
+
+
+def test_prefix_decodes_get_closer_to_the_image_as_maps_are_added(workspace):
+    """After (short) training, the base maps decode to ≈ B_2, adding detail maps moves the decode towards I."""
+    from tests.workspace import write_params
+
+    write_params(workspace, {"tokenizer": {"train": {"steps": 150, "lr": 3e-3, "checkpoint_every": 1000}}})
+    result = CliRunner().invoke(app, ["train-tokenizer"])
+    assert result.exit_code == 0, result.output
+    model, config = load_tokenizer(workspace / "models" / "tokenizer" / "tokenizer")
+    assert config["order"] == 2 and config["resolution"] == 16
+    from pipeline.decomposed import first_samples
+
+    samples = list(first_samples(workspace / "data" / "decomposed" / "val", 32))
+    image = torch.stack([s[1] for s in samples])
+    bases = torch.stack([s[2] for s in samples])
+    indices = model.tokenize(image, bases)
+    depth = [F.mse_loss(model.decode_prefix(indices, m), image).item() for m in range(1, model.layout.num_maps + 1)]
+    assert depth[-1] < 0.5 * depth[0]
+    ends = model.layout.component_ends()  # base maps, + D_2, + D_1
+    assert depth[ends[-1] - 1] < depth[ends[0] - 1]  # the detail maps take the base decode towards I
+    base_prefix = model.decode_prefix(indices, ends[0])
+    assert F.mse_loss(base_prefix, bases[:, 1]).item() < depth[ends[0] - 1]  # base maps describe B_2 better than I
+
+
+def test_train_tokenizer_stage_writes_weights_metrics_and_figures(workspace):
+    from tests.workspace import write_params
+
+    write_params(workspace, {"tokenizer": {"compare": True, "train": {"steps": 4}}})
+    result = CliRunner().invoke(app, ["train-tokenizer"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((workspace / "metrics" / "tokenizer.json").read_text())
+    assert set(metrics) == {"tokenizer", "var", "vqvae"}
+    assert metrics["vqvae"]["maps"] == 1 and metrics["var"]["order"] == 0 and metrics["tokenizer"]["order"] == 2
+    for name in ("figure7.png", "reconstructions.png", "depth/tokenizer.json", "depth/var.json", "depth/vqvae.json"):
+        assert (workspace / "reports" / "tokenizer" / name).stat().st_size > 0
+    for stem in ("tokenizer", "variants/var", "variants/vqvae"):
+        assert (workspace / "models" / "tokenizer" / f"{stem}.safetensors").exists()
+    live = workspace / "metrics" / "train_tokenizer" / "tokenizer"
+    assert (live / "plots" / "metrics" / "train" / "psnr.tsv").exists()
+
+
+def test_weights_are_safetensors_and_json_only(workspace):
+    CliRunner().invoke(app, ["train-tokenizer"])
+    models = workspace / "models"
+    suffixes = {p.suffix for p in models.rglob("*") if p.is_file()}
+    assert suffixes <= {".safetensors", ".json"}
+    assert load_file(str(models / "tokenizer" / "tokenizer.safetensors"))
+
+
+def test_lpips_loads_its_backbone_from_the_torch_cache(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    backbone = torchvision.models.vgg16()
+    path = tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(backbone.state_dict(), path)
+    model = load_lpips("vgg", None)
+    # lpips names each layer by its index in torchvision's `features`.
+    assert torch.equal(getattr(model.net.slice1, "0").weight, backbone.features[0].weight)
+    assert torch.equal(getattr(model.net.slice5, "28").weight, backbone.features[28].weight)
+    x, y = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    assert model(x, x, normalize=True).abs().max() < 1e-6 < model(x, y, normalize=True).min()
+    # An explicit path wins over the cache.
+    moved = tmp_path / "elsewhere.pth"
+    path.rename(moved)
+    assert torch.equal(getattr(load_lpips("vgg", str(moved)).net.slice1, "0").weight, backbone.features[0].weight)
+
+
+def test_missing_lpips_weights_stop_the_stage_at_start_saying_what_to_do(workspace, monkeypatch):
+    from tests.workspace import write_params
+
+    monkeypatch.setenv("TORCH_HOME", str(workspace / "empty-cache"))
+    with pytest.raises(MissingWeights):
+        load_lpips("vgg", None)
+    write_params(workspace, {"tokenizer": {"loss": {"lambda_perceptual": 1.0}}})
+    result = CliRunner().invoke(app, ["train-tokenizer"])
+    assert result.exit_code == 1
+    message = " ".join(result.output.split())
+    assert str(workspace / "empty-cache" / "hub" / "checkpoints" / "vgg16-397923af.pth") in message
+    assert "lambda_perceptual: 0" in message
+    assert not (workspace / "models" / "tokenizer").exists()
+
+
+def test_stage_refuses_decompositions_of_another_order(workspace):
+    from tests.workspace import write_params
+
+    write_params(workspace, {"decompose": {"order": 1}})
+    result = CliRunner().invoke(app, ["train-tokenizer"])
+    assert result.exit_code == 1 and "rerun the decompose stage" in result.output
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_and_ends_where_an_uninterrupted_run_ends(workspace, tmp_path_factory):
+    from tests.resume import assert_killed_run_resumes_to_the_uninterrupted_result
+    from tests.workspace import write_params
+
+    write_params(workspace, {"tokenizer": {"train": {"steps": 40, "checkpoint_every": 5}, "loss": {"lambda_gan": 0.1}}})
+    assert_killed_run_resumes_to_the_uninterrupted_result(
+        workspace,
+        "train-tokenizer",
+        workspace / "models" / "checkpoints" / "tokenizer" / "tokenizer",
+        kill_after=15,
+        weights="models/tokenizer/tokenizer.safetensors",
+        inputs=["data"],
+        fresh=tmp_path_factory.mktemp("uninterrupted"),
+    )
+
+
+@pytest.mark.slow
+def test_ddp_training_on_two_processes_keeps_the_ranks_in_sync(tiny_data, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(HERE / "ddp_train_check.py"),
+        str(tiny_data / "data" / "decomposed"),
+        str(tmp_path),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 6
+    assert ranks[0]["first_batch"] != ranks[1]["first_batch"]  # each rank trained on its own data
+
+
+def test_tokenize_base_is_the_base_part_of_algorithm_1():
+    model = make(2)
+    image, bases = batch(2)
+    levels = model.encode_levels(image, bases)
+    quantized = model.quantize(levels)
+    base_maps, f_hat = model.tokenize_base(levels[-1])  # f_{B_n}
+    assert len(base_maps) == model.layout.num_base
+    assert all(torch.equal(a, b) for a, b in zip(base_maps, quantized.indices, strict=False))
+    assert torch.allclose(f_hat, quantized.prefixes[0], atol=1e-6)
