@@ -77,7 +77,7 @@ def highres_figure(model, tokenizer, labels_N, cfg: SamplingConfig, scale: int, 
         [
             ("sample (trained size)", result.plain_N3HW.cpu()),
             (f"bilinear ×{scale}", upsample(result.plain_N3HW, scale).cpu()),
-            (f"CART ×{scale} (base up, details by patch)", result.images_N3HW.cpu()),
+            (f"CART ×{scale}", result.images_N3HW.cpu()),
         ],
         path,
         title=f"Generation at {scale}× the trained resolution without retraining",

@@ -10,6 +10,7 @@ import typer
 from stages import (
     decompose,
     evaluate,
+    experiments,
     extract_tokens,
     sample,
     shard,
@@ -36,6 +37,7 @@ app.command("train-transformer")(train_transformer.command)
 app.command("train-evaluator")(train_evaluator.command)
 app.command("evaluate")(evaluate.command)
 app.command("sample")(sample.command)
+app.command("experiments")(experiments.command)
 
 _PACKAGES = (
     "cart",
