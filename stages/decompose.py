@@ -59,11 +59,11 @@ def _write_previews(val_dir: Path, reports: Path, cfg) -> None:
     from pipeline.decomposed import first_samples
     from pipeline.figures import decomposition_figure
 
-    if cfg.order == 0 or cfg.preview_count == 0:
-        return
-    reports.mkdir(parents=True, exist_ok=True)
+    reports.mkdir(parents=True, exist_ok=True)  # a DVC output even when empty (order 0: nothing to draw)
     for old in reports.glob("*.png"):
         old.unlink()
+    if cfg.order == 0 or cfg.preview_count == 0:
+        return
     for key, image, _ in first_samples(val_dir, cfg.preview_count):
         # The edge fields are not stored in the shards: solve the few preview images again to draw them.
         result = decompose(image[None], cfg)
