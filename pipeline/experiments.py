@@ -28,8 +28,11 @@ def _get(row: dict[str, Any], key: str) -> Any:
 
 
 def experiment_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One point per experiment that has both a decomposition order and an FID (workspace rows included)."""
-    points = []
+    """One point per run that has both a decomposition order and an FID.
+
+    The workspace and the commits it came from show the same run's metrics again: identical results count once.
+    """
+    points, seen = [], set()
     for row in rows:
         order, fid = _number(_get(row, "decompose.order")), _number(_get(row, "fid_ref"))
         if order is None or fid is None:
@@ -37,7 +40,10 @@ def experiment_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         point = {"name": row.get("Experiment") or row.get("rev") or "?", "order": int(order)}
         point["seed"] = _get(row, "transformer.train.seed")
         point |= {c: _number(_get(row, c)) for c in COLUMNS}
-        points.append(point)
+        key = (point["order"], point["seed"], *(point[c] for c in COLUMNS))
+        if key not in seen:
+            seen.add(key)
+            points.append(point)
     return points
 
 
