@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 repro: install
-	$(BIN)/dvc repro
+	# dvc runs each stage's `cart ...` through the shell: the venv's bin must be on PATH
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: install
 	$(BIN)/python -m pytest -q
