@@ -76,6 +76,7 @@ def evaluate(cfg: EvaluateConfig, sampling, paths: EvaluatePaths, progress: Prog
         reference_extractor,
     )
     from pipeline.sampling import sample_images
+    from pipeline.shards import read_samples
     from pipeline.tokenizer import load_tokenizer
     from pipeline.tokens import decode_token_sample, layout_from_manifest, split_maps
     from pipeline.transformer import load_transformer
@@ -109,8 +110,6 @@ def evaluate(cfg: EvaluateConfig, sampling, paths: EvaluatePaths, progress: Prog
 
     # The ceiling: val images through the tokenizer (their stored tokens, decoded).
     manifest = json.loads((paths.tokens / "manifest.json").read_text())
-    from pipeline.shards import read_samples
-
     idx_NL = torch.stack([decode_token_sample(raw)[0] for raw in read_samples(split_shards(paths.tokens / "val"))])
     recon = torch.cat(
         [
