@@ -251,7 +251,7 @@ class Tokenizer(nn.Module):
             for m in range(start, end):
                 idx_Bhw, h_BChw, r = self.quantize_map(residual, m)
                 if self.training:
-                    seen.append(_sample_rows(r.detach().permute(0, 2, 3, 1).flatten(0, 2), 256))
+                    seen.append(_sample_rows(r.detach().permute(0, 2, 3, 1).flatten(0, 2), self.cfg.codebook_size))
                 f_hat = f_hat + h_BChw
                 residual = residual - h_BChw.detach()
                 losses.append(beta * F.mse_loss(f_hat.detach(), target) + F.mse_loss(f_hat, target.detach()))

@@ -64,6 +64,12 @@ class TokenizerLossConfig:
     restart_every: int = Field(
         50, ge=0, description="Steps between restarts of dead codes from encoder residuals (0: never)."
     )
+    init_codes_from_data: bool = Field(
+        True,
+        description="After the first step, set every code to a residual the quantiser saw (data-dependent init, "
+        "as SoundStream's k-means init), so codes start at the scale of what they quantise; false: VQGAN's "
+        "uniform ±1/V init only.",
+    )
 
 
 @section
@@ -225,6 +231,14 @@ class TokenizerTask:
         return loss, {"gan_d": loss.item()}
 
     def after_step(self, step: int, batch) -> dict[str, float]:
+        if step == 0 and self.cfg.init_codes_from_data and self._residuals is not None:
+            # With VQGAN's near-zero init every latent first snaps to a handful of codes, φ(z) is almost constant,
+            # the decoder learns to ignore it and the encoder collapses onto the codes: the one-map VQ-VAE never
+            # left 11 dB that way. Codes drawn from the encoder's own outputs make the first decodes informative.
+            everything = torch.arange(self.usage.numel(), device=self.usage.device)
+            self._restart(everything)
+            self.usage.zero_()
+            return {"codes_restarted": float(len(everything))}
         every = self.cfg.restart_every
         if not every or (step + 1) % every:
             return {}
@@ -242,7 +256,12 @@ class TokenizerTask:
     def _restart(self, dead: torch.Tensor) -> None:
         """Move dead codes onto residual vectors the quantiser actually saw, and forget their Adam moments."""
         weight = self.model.codebook.weight
-        pick = torch.randint(len(self._residuals), (len(dead),), device=weight.device)
+        rows = len(self._residuals)
+        # Distinct residuals when there are enough: two identical codes would leave one of them dead again.
+        if rows >= len(dead):
+            pick = torch.randperm(rows, device=weight.device)[: len(dead)]
+        else:
+            pick = torch.randint(rows, (len(dead),), device=weight.device)
         weight[dead] = self._residuals[pick].to(weight.dtype)
         if torch.distributed.is_initialized():
             torch.distributed.broadcast(weight, src=0)

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pipeline.tokenizer import Tokenizer, TokenizerModelConfig, TokenLayout, load_tokenizer
-from pipeline.tokenizer_training import MissingWeights, load_lpips
+from pipeline.tokenizer_training import MissingWeights, TokenizerLossConfig, TokenizerTask, load_lpips
+from pipeline.train import TrainConfig
 from stages.cli import app
 
 HERE = Path(__file__).resolve().parent
@@ -99,6 +100,26 @@ def test_without_error_feedback_each_detail_is_quantised_alone():
         first_detail = model.layout.num_base  # quantises f_{D_2} = f_{B_1} − f_{B_2}
         expected = model.nearest_codes(f_levels[1] - f_levels[2])
         assert torch.equal(model.tokenize(image, bases)[first_detail], expected)
+
+
+@pytest.mark.parametrize("init", [True, False])
+def test_codes_start_from_distinct_encoder_residuals_after_the_first_step(init):
+    """Data-dependent init: after step 0 every code is a residual the quantiser saw, no two alike (VQGAN's ±1/V
+    init left the one-map VQ-VAE decoding the mean image); switched off, step 0 leaves the codebook to the
+    optimiser."""
+    torch.manual_seed(0)
+    model = Tokenizer(SMALL, 1)
+    task = TokenizerTask(model, TokenizerLossConfig(init_codes_from_data=init), lambda: iter([]), 1)
+    task.phases(TrainConfig())
+    task.generator_loss(batch(1, n=8), step=0)
+    before = model.codebook.weight.detach().clone()
+    task.after_step(0, None)
+    codes, seen = model.codebook.weight.detach(), task._residuals
+    if init:
+        assert (codes[:, None] == seen[None]).all(-1).any(1).all()  # each code is one of the residuals seen
+        assert len(torch.unique(codes, dim=0)) == SMALL.codebook_size
+    else:
+        assert torch.equal(codes, before)
 
 
 def test_teacher_forcing_input_of_each_map_is_the_composition_of_the_maps_before_it():
