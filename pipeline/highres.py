@@ -45,21 +45,26 @@ def generate_highres(
     f_base_BChw = tokenizer.compose(plain_maps, nb)
     f_big_BChw = F.interpolate(f_base_BChw, size=(scale * s, scale * s), mode="bicubic")
     if layout.num_maps > nb:
-        # Every tile of every image in one batch: tile t of image b is row t·B + b.
-        tiles_TBChw = torch.stack(
-            [f_big_BChw[..., i * s : (i + 1) * s, j * s : (j + 1) * s] for i in range(scale) for j in range(scale)]
-        )
-        base_maps, base_hat_NChw = tokenizer.tokenize_base(tiles_TBChw.flatten(0, 1))
-        labels_N = label_B.repeat(scale * scale)
-        maps = generate(model, tokenizer, labels_N, cfg, generator, prefix=base_maps)
+        base_maps, base_hat_NChw = tokenizer.tokenize_base(cut_tiles(f_big_BChw, s, scale))
+        maps = generate(model, tokenizer, label_B.repeat(scale * scale), cfg, generator, prefix=base_maps)
         detail_NChw = tokenizer.compose(maps) - base_hat_NChw  # the detail maps' contributions alone
-        detail_TBChw = detail_NChw.unflatten(0, (scale * scale, B))
-        for t, (i, j) in enumerate((i, j) for i in range(scale) for j in range(scale)):
-            f_big_BChw[..., i * s : (i + 1) * s, j * s : (j + 1) * s] += detail_TBChw[t]
+        f_big_BChw = f_big_BChw + join_tiles(detail_NChw, B, scale)
     return HighRes(
         images_N3HW=tokenizer.decode(f_big_BChw).clamp(0, 1),
         plain_N3HW=tokenizer.reconstruct(plain_maps),
     )
+
+
+def cut_tiles(f_BChw: torch.Tensor, side: int, scale: int) -> torch.Tensor:
+    """The scale² tiles of side × side, every image's tiles in one batch: tile t of image b is row t·B + b."""
+    rows = [f_BChw[..., i * side : (i + 1) * side, :] for i in range(scale)]
+    return torch.stack([row[..., j * side : (j + 1) * side] for row in rows for j in range(scale)]).flatten(0, 1)
+
+
+def join_tiles(tiles_NChw: torch.Tensor, batch: int, scale: int) -> torch.Tensor:
+    """The inverse of ``cut_tiles``."""
+    tiles_IJBChw = tiles_NChw.unflatten(0, (scale, scale, batch))
+    return torch.cat([torch.cat(list(row), dim=-1) for row in tiles_IJBChw], dim=-2)
 
 
 def upsample(images_N3HW: torch.Tensor, scale: int) -> torch.Tensor:

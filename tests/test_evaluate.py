@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.highres import generate_highres
+from pipeline.highres import cut_tiles, generate_highres, join_tiles
 from pipeline.params import load_params
 from pipeline.tokenizer import load_tokenizer
 from pipeline.transformer import load_transformer
@@ -56,6 +56,16 @@ def test_highres_doubles_the_side_and_keeps_the_trained_base(trained):
     down = torch.nn.functional.avg_pool2d(result.images_N3HW, 2)
     other = torch.roll(result.plain_N3HW, 1, dims=0)
     assert (down - result.plain_N3HW).abs().mean() < (down - other).abs().mean()
+
+
+def test_tiles_are_batched_tile_major_and_join_back_exactly():
+    f_BChw = torch.randn(3, 4, 16, 16)
+    tiles_NChw = cut_tiles(f_BChw, side=8, scale=2)
+    assert tiles_NChw.shape == (12, 4, 8, 8)
+    # Row t·B + b is tile t (row-major over the 2×2 grid) of image b.
+    assert torch.equal(tiles_NChw[1 * 3 + 2], f_BChw[2, :, :8, 8:])
+    assert torch.equal(tiles_NChw[2 * 3 + 0], f_BChw[0, :, 8:, :8])
+    assert torch.equal(join_tiles(tiles_NChw, batch=3, scale=2), f_BChw)
 
 
 def test_sample_scale_2_writes_the_comparison_figure(trained):
