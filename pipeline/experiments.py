@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+UNFINISHED = {"Running", "Queued", "Failed"}
 COLUMNS = ("fid_ref", "kid_ref", "precision_ref", "recall_ref", "class_consistency_ref", "reconstruction_fid_ref")
 
 
@@ -28,12 +29,15 @@ def _get(row: dict[str, Any], key: str) -> Any:
 
 
 def experiment_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One point per run that has both a decomposition order and an FID.
+    """One point per finished run that has both a decomposition order and an FID.
 
     The workspace and the commits it came from show the same run's metrics again: identical results count once.
+    A running, queued or failed experiment shows the metrics files it started from, not its own: left out.
     """
     points, seen = [], set()
     for row in rows:
+        if row.get("State") in UNFINISHED:
+            continue
         order, fid = _number(_get(row, "decompose.order")), _number(_get(row, "fid_ref"))
         if order is None or fid is None:
             continue

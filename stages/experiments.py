@@ -15,7 +15,14 @@ def command(
     out: Annotated[Path, typer.Option(help="PNG of FID against decomposition order.")] = Path(
         "reports/fid_vs_order.png"
     ),
-    all_commits: Annotated[bool, typer.Option(help="Include experiments of every commit, not just HEAD's.")] = False,
+    commits: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Include experiments based on the last N commits (HEAD and the N−1 before it). Experiments "
+            "belong to the commit they ran from: after a new commit, use 2 or more to keep them.",
+        ),
+    ] = 1,
 ) -> None:
     """Collect every `dvc exp` experiment's `decompose.order` and metrics; print Table 4 and plot FID by order.
 
@@ -26,7 +33,7 @@ def command(
 
     from pipeline.experiments import by_order, experiment_points, fid_order_figure
 
-    rows = dvc.api.exp_show(num=1000 if all_commits else 1)
+    rows = dvc.api.exp_show(num=commits)
     points = experiment_points(rows)
     if not points:
         raise ValueError("no experiment has both decompose.order and fid_ref: run `dvc exp run` (see README)")

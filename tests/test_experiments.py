@@ -13,11 +13,13 @@ def rows():
         {"Experiment": "var-seed0", "decompose.order": 0, "fid_ref": 14.0, "transformer.train.seed": 0},
         {"Experiment": "var-seed1", "decompose.order": 0, "metrics/eval.json:fid_ref": 16.0},
         {"Experiment": "queued", "decompose.order": 1, "fid_ref": "-"},  # not run yet: no point
+        # Still running: dvc shows the metrics files it started from, not its own.
+        {"Experiment": "running", "decompose.order": 2, "fid_ref": 10.0, "State": "Running"},
         {"Experiment": "main", "decompose.order": 3, "fid_ref": 10.0, "class_consistency_ref": 0.9},  # = workspace
     ]
 
 
-def test_points_need_an_order_and_an_fid_and_read_path_qualified_names():
+def test_points_need_a_finished_run_an_order_and_an_fid_and_read_path_qualified_names():
     points = experiment_points(rows())
     assert [(p["name"], p["order"], p["fid_ref"]) for p in points] == [
         ("workspace", 3, 10.0),
