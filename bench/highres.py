@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.evaluation import load_val_images, to_uint8
-from pipeline.highres import cut_tiles, generate_highres, join_tiles, upsample
+from pipeline.highres import generate_highres, generate_tiles, join_tiles, upsample
 from pipeline.metrics import fidelity_metrics, reference_extractor
 from pipeline.params import load_params
 from pipeline.tokenizer import Tokenizer, load_tokenizer
@@ -37,10 +37,7 @@ from pipeline.transformer import CART, SamplingConfig, generate, load_transforme
 
 def detail_over(base_BChw, model: CART, tokenizer: Tokenizer, labels_B, cfg, scale, generator, requantised: bool):
     """Tile ``base_BChw``, generate every tile's detail maps from its re-quantised base, reassemble."""
-    side = model.layout.latent_side
-    base_maps, base_hat_NChw = tokenizer.tokenize_base(cut_tiles(base_BChw, side, scale))
-    maps = generate(model, tokenizer, labels_B.repeat(scale * scale), cfg, generator, prefix=base_maps)
-    full_NChw = tokenizer.compose(maps)
+    base_hat_NChw, full_NChw = generate_tiles(model, tokenizer, base_BChw, labels_B, cfg, scale, generator)
     if requantised:
         return join_tiles(full_NChw, len(labels_B), scale)
     return base_BChw + join_tiles(full_NChw - base_hat_NChw, len(labels_B), scale)

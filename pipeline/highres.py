@@ -45,14 +45,31 @@ def generate_highres(
     f_base_BChw = tokenizer.compose(plain_maps, nb)
     f_big_BChw = F.interpolate(f_base_BChw, size=(scale * s, scale * s), mode="bicubic")
     if layout.num_maps > nb:
-        base_maps, base_hat_NChw = tokenizer.tokenize_base(cut_tiles(f_big_BChw, s, scale))
-        maps = generate(model, tokenizer, label_B.repeat(scale * scale), cfg, generator, prefix=base_maps)
-        detail_NChw = tokenizer.compose(maps) - base_hat_NChw  # the detail maps' contributions alone
+        base_hat_NChw, full_NChw = generate_tiles(model, tokenizer, f_big_BChw, label_B, cfg, scale, generator)
+        detail_NChw = full_NChw - base_hat_NChw  # the detail maps' contributions alone
         f_big_BChw = f_big_BChw + join_tiles(detail_NChw, B, scale)
     return HighRes(
         images_N3HW=tokenizer.decode(f_big_BChw).clamp(0, 1),
         plain_N3HW=tokenizer.reconstruct(plain_maps),
     )
+
+
+def generate_tiles(
+    model: CART,
+    tokenizer: Tokenizer,
+    f_big_BChw: torch.Tensor,
+    label_B: torch.Tensor,
+    cfg: SamplingConfig,
+    scale: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut a large latent into trained-size tiles, re-quantise each tile's base and sample its detail maps.
+
+    Returns, tiles batched as ``cut_tiles`` does, each tile's quantised base f̂ and its full latent (base + detail).
+    """
+    base_maps, base_hat_NChw = tokenizer.tokenize_base(cut_tiles(f_big_BChw, model.layout.latent_side, scale))
+    maps = generate(model, tokenizer, label_B.repeat(scale * scale), cfg, generator, prefix=base_maps)
+    return base_hat_NChw, tokenizer.compose(maps)
 
 
 def cut_tiles(f_BChw: torch.Tensor, side: int, scale: int) -> torch.Tensor:
