@@ -220,7 +220,8 @@ def build(setup: Setup, device: torch.device, compile_model: bool) -> tuple[CART
     tokenizer_cfg = TokenizerModelConfig(
         channels=4,
         channel_multipliers=[1],
-        attention=False,
+        attention_levels=[],
+        mid_attention=False,
         latent_channels=setup.latent_channels,
         codebook_size=setup.codebook_size,
         scales=setup.scales,

@@ -25,7 +25,11 @@ def section(cls: type[T]) -> type[T]:
     return _pydantic_dataclass(cls, config=_STRICT, frozen=True)
 
 
-class ConfigError(ValueError):
+class InvalidInput(ValueError):
+    """Bad parameters or a bad file handed in by the user: stages exit with code 2, having written nothing."""
+
+
+class ConfigError(InvalidInput):
     """Invalid configuration. ``problems`` holds one line per offending key."""
 
     def __init__(self, source: str, problems: list[str]):

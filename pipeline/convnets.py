@@ -1,8 +1,12 @@
-"""Convolutional networks of the tokenizer, in the VQGAN / latent-diffusion style.
+"""Convolutional networks of the tokenizer: the latent-diffusion / VQGAN autoencoder that VAR's VQVAE uses.
 
-Encoder: conv → [ResBlocks, downsample] per level → mid (ResBlock, attention, ResBlock) → GroupNorm, SiLU, conv
-to the latent channels. Decoder: the mirror image with nearest-neighbour upsampling. PatchDiscriminator: the
-pix2pix/VQGAN N-layer patch critic used by the adversarial loss.
+Encoder: conv_in → per level [ResBlocks (each followed by self-attention on attention levels), downsample] →
+mid (ResBlock, attention, ResBlock) → GroupNorm, SiLU, conv_out to the latent channels. Decoder: the mirror image,
+one more ResBlock per level, nearest-neighbour upsampling. Configured as VAR's ``vae_ch160v4096z32`` (ch 160,
+multipliers 1, 1, 2, 2, 4, two blocks, attention at the lowest level) the module tree and every tensor shape are
+VAR's, so its released weights load under the same names (``pipeline.var_checkpoints``).
+
+PatchDiscriminator: the pix2pix/VQGAN N-layer patch critic used by the adversarial loss.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from torch import nn
 
 
 def norm(channels: int) -> nn.GroupNorm:
-    # 32 groups as in VQGAN, fewer when a narrow demo model has fewer channels than that.
+    # 32 groups as in VQGAN and VAR; fewer when a narrow demo model has a width that 32 does not divide.
     groups = 32
     while channels % groups:
         groups //= 2
@@ -25,49 +29,39 @@ class ResBlock(nn.Module):
         super().__init__()
         self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.norm2, self.conv2 = norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x_BChw)))
         h = self.conv2(F.silu(self.norm2(h)))
-        return self.skip(x_BChw) + h
+        return self.nin_shortcut(x_BChw) + h
 
 
 class Attention(nn.Module):
-    """Single-head self-attention over all positions (used only at the lowest resolution)."""
+    """Single-head self-attention over all positions of a feature map, with a residual connection."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.norm = norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
         B, C, h, w = x_BChw.shape
         q, k, v = self.qkv(self.norm(x_BChw)).reshape(B, 3, C, h * w).transpose(-1, -2).unbind(1)
         out_BLC = F.scaled_dot_product_attention(q, k, v)
-        return x_BChw + self.proj(out_BLC.transpose(-1, -2).reshape(B, C, h, w))
+        return x_BChw + self.proj_out(out_BLC.transpose(-1, -2).reshape(B, C, h, w))
 
 
-class Encoder(nn.Module):
-    def __init__(self, channels: int, multipliers: list[int], res_blocks: int, attention: bool, latent_channels: int):
+class Downsample(nn.Module):
+    """Halve the side: zero-pad right and bottom by one, then an unpadded stride-2 3×3 conv (VQGAN's asymmetry)."""
+
+    def __init__(self, channels: int):
         super().__init__()
-        widths = [channels * m for m in multipliers]
-        self.conv_in = nn.Conv2d(3, channels, 3, padding=1)
-        layers: list[nn.Module] = []
-        c = channels
-        for level, width in enumerate(widths):
-            for _ in range(res_blocks):
-                layers.append(ResBlock(c, width))
-                c = width
-            if level < len(widths) - 1:
-                layers.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
-        self.down = nn.Sequential(*layers)
-        self.mid = nn.Sequential(ResBlock(c, c), Attention(c) if attention else nn.Identity(), ResBlock(c, c))
-        self.out = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, latent_channels, 3, padding=1))
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
-    def forward(self, img_B3HW: torch.Tensor) -> torch.Tensor:
-        return self.out(self.mid(self.down(self.conv_in(img_B3HW))))
+    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x_BChw, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):
@@ -79,31 +73,114 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x_BChw, scale_factor=2.0, mode="nearest"))
 
 
-class Decoder(nn.Module):
-    def __init__(self, channels: int, multipliers: list[int], res_blocks: int, attention: bool, latent_channels: int):
+class Level(nn.Module):
+    """One resolution level: ResBlocks, each followed by self-attention where enabled. The encoder gives it a
+    ``downsample`` and the decoder an ``upsample`` afterwards, except at the ends of the pyramid."""
+
+    def __init__(self, c_in: int, c_out: int, blocks: int, attention: bool):
+        super().__init__()
+        self.block = nn.ModuleList(ResBlock(c_in if i == 0 else c_out, c_out) for i in range(blocks))
+        self.attn = nn.ModuleList(Attention(c_out) for _ in range(blocks if attention else 0))
+
+    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.block):
+            x_BChw = block(x_BChw)
+            if self.attn:
+                x_BChw = self.attn[i](x_BChw)
+        return x_BChw
+
+
+class Middle(nn.Module):
+    def __init__(self, channels: int, attention: bool):
+        super().__init__()
+        self.block_1 = ResBlock(channels, channels)
+        self.attn_1 = Attention(channels) if attention else nn.Identity()
+        self.block_2 = ResBlock(channels, channels)
+
+    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x_BChw)))
+
+
+def attention_flags(levels: int, attention_levels: list[int]) -> list[bool]:
+    """Per level (0 = full resolution), whether its blocks are followed by attention; −1 names the lowest."""
+    chosen = {a % levels for a in attention_levels}
+    return [level in chosen for level in range(levels)]
+
+
+class Encoder(nn.Module):
+    def __init__(
+        self,
+        channels: int,
+        multipliers: list[int],
+        res_blocks: int,
+        attention_levels: list[int],
+        mid_attention: bool,
+        latent_channels: int,
+    ):
         super().__init__()
         widths = [channels * m for m in multipliers]
+        attend = attention_flags(len(widths), attention_levels)
+        self.conv_in = nn.Conv2d(3, channels, 3, padding=1)
+        self.down = nn.ModuleList()
+        c = channels
+        for level, width in enumerate(widths):
+            self.down.append(Level(c, width, res_blocks, attend[level]))
+            c = width
+            if level < len(widths) - 1:
+                self.down[level].downsample = Downsample(c)
+        self.mid = Middle(c, mid_attention)
+        self.norm_out = norm(c)
+        self.conv_out = nn.Conv2d(c, latent_channels, 3, padding=1)
+
+    def forward(self, img_B3HW: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(img_B3HW)
+        for i, level in enumerate(self.down):
+            h = level(h)
+            if i < len(self.down) - 1:
+                h = level.downsample(h)
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+
+
+class Decoder(nn.Module):
+    def __init__(
+        self,
+        channels: int,
+        multipliers: list[int],
+        res_blocks: int,
+        attention_levels: list[int],
+        mid_attention: bool,
+        latent_channels: int,
+    ):
+        super().__init__()
+        widths = [channels * m for m in multipliers]
+        attend = attention_flags(len(widths), attention_levels)
         c = widths[-1]
         self.conv_in = nn.Conv2d(latent_channels, c, 3, padding=1)
-        self.mid = nn.Sequential(ResBlock(c, c), Attention(c) if attention else nn.Identity(), ResBlock(c, c))
-        layers: list[nn.Module] = []
+        self.mid = Middle(c, mid_attention)
+        # Indexed by level like the encoder (up[0] is full resolution) but run from the lowest level up. One more
+        # block per level than the encoder, as in VQGAN: decoding is the harder direction.
+        levels: list[Level] = [None] * len(widths)  # type: ignore[list-item]
         for level in reversed(range(len(widths))):
-            # One more block per level than the encoder, as in VQGAN: decoding is the harder direction.
-            for _ in range(res_blocks + 1):
-                layers.append(ResBlock(c, widths[level]))
-                c = widths[level]
+            levels[level] = Level(c, widths[level], res_blocks + 1, attend[level])
+            c = widths[level]
             if level > 0:
-                layers.append(Upsample(c))
-        self.up = nn.Sequential(*layers)
-        self.out = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, 3, 3, padding=1))
+                levels[level].upsample = Upsample(c)
+        self.up = nn.ModuleList(levels)
+        self.norm_out = norm(c)
+        self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
 
     @property
     def last_layer(self) -> nn.Parameter:
         """The weight the adaptive GAN weight is computed against (VQGAN's choice)."""
-        return self.out[-1].weight
+        return self.conv_out.weight
 
     def forward(self, f_BChw: torch.Tensor) -> torch.Tensor:
-        return self.out(self.up(self.mid(self.conv_in(f_BChw))))
+        h = self.mid(self.conv_in(f_BChw))
+        for i in reversed(range(len(self.up))):
+            h = self.up[i](h)
+            if i > 0:
+                h = self.up[i].upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class PatchDiscriminator(nn.Module):

@@ -21,9 +21,11 @@ paper's Algorithm 1 is literally written).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,7 +44,15 @@ class TokenizerModelConfig:
         description="Width multiplier per resolution level; the latent is downsampled 2^(levels − 1) times.",
     )
     res_blocks: int = Field(1, ge=1, description="ResNet blocks per encoder level (the decoder has one more).")
-    attention: bool = Field(True, description="Self-attention in the middle block, at the lowest resolution.")
+    attention_levels: list[int] = Field(
+        default_factory=lambda: [-1],
+        description="Levels (0: full resolution, −1: the lowest) whose every ResNet block is followed by "
+        "self-attention, in encoder and decoder (VAR / LDM f16: the lowest level only; []: none).",
+    )
+    mid_attention: bool = Field(True, description="Self-attention in the middle block, between its two ResBlocks.")
+    quant_conv: bool = Field(
+        True, description="3×3 convolutions (C → C) after the encoder and before the decoder, as in VAR's VQVAE."
+    )
     latent_channels: int = Field(16, ge=1, description="C: channels of the latent and dimension of every code.")
     codebook_size: int = Field(512, ge=2, le=32767, description="V: entries of the one codebook shared by all maps.")
     scales: list[int] = Field(
@@ -66,6 +76,12 @@ class TokenizerModelConfig:
             raise ValueError(f"scales = {self.scales}: must be strictly increasing")
         if min(self.channel_multipliers) < 1:
             raise ValueError(f"channel_multipliers = {self.channel_multipliers}: every multiplier must be ≥ 1")
+        levels = len(self.channel_multipliers)
+        if any(not -levels <= a < levels for a in self.attention_levels):
+            raise ValueError(
+                f"attention_levels = {self.attention_levels}: levels run from 0 to {levels - 1} (or −1 … −{levels}) "
+                f"with {levels} channel_multipliers"
+            )
 
     @property
     def downsampling(self) -> int:
@@ -135,6 +151,20 @@ class TokenLayout:
         }
 
 
+def phi_choice(count: int, num_maps: int) -> list[int]:
+    """Which of the ``count`` φ convolutions each of ``num_maps`` maps uses: VAR's rule, bit for bit.
+
+    Map m takes the conv whose tick is nearest to its relative position m / (M − 1); ticks are
+    linspace(1/(3K), 1 − 1/(3K), K) for K = 4 and linspace(1/(2K), 1 − 1/(2K), K) otherwise. Positions fall exactly
+    half-way between ticks (M = 7, 10, …), so the arithmetic decides: it is float64 here as in VAR, where float32
+    would break those ties the other way and pair maps with other convs than VAR's weights were trained with.
+    """
+    margin = 1 / 3 / count if count == 4 else 1 / 2 / count
+    ticks = np.linspace(margin, 1 - margin, count)
+    positions = [m / (num_maps - 1) for m in range(num_maps)] if num_maps > 1 else [0.0]
+    return [int(np.argmin(np.abs(ticks - p))) for p in positions]
+
+
 class Phi(nn.Module):
     """VAR's residual convolutions: a few 3×3 convs shared across maps, each blended with its input."""
 
@@ -142,10 +172,7 @@ class Phi(nn.Module):
         super().__init__()
         self.ratio = ratio
         self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(count))
-        # Map m uses the conv whose tick is nearest to its relative position m / (M − 1), as in VAR.
-        ticks = torch.linspace(1 / (3 * count), 1 - 1 / (3 * count), count)
-        position = torch.linspace(0, 1, num_maps) if num_maps > 1 else torch.zeros(1)
-        self.choice = [int((ticks - p).abs().argmin()) for p in position]
+        self.choice = phi_choice(count, num_maps)
 
     def forward(self, z_BChw: torch.Tensor, map_index: int) -> torch.Tensor:
         conv = self.convs[self.choice[map_index]]
@@ -162,6 +189,29 @@ class Quantized:
     residual_sample: torch.Tensor  # (N, C) residual vectors the quantiser saw, from every map: dead-code restarts
 
 
+def full_precision(method):
+    """Run a method with autocast off and its half-precision tensor arguments in fp32.
+
+    Nearest codes, f̂ and residuals decide which tokens an image gets and what the transformer reads; under bf16
+    autocast 1–18 % of the codes came out different from the fp32 ones that ``extract_tokens`` stores, so training
+    saw other inputs than the tokens it was scored on. VAR computes all of this in fp32 too.
+    """
+
+    def cast(x):
+        if torch.is_tensor(x) and x.dtype in (torch.float16, torch.bfloat16):
+            return x.float()
+        if isinstance(x, list | tuple):
+            return type(x)(cast(item) for item in x)
+        return x
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with torch.autocast(self.codebook.weight.device.type, enabled=False):
+            return method(self, *[cast(a) for a in args], **{k: cast(v) for k, v in kwargs.items()})
+
+    return wrapper
+
+
 def _sample_rows(x_NC: torch.Tensor, k: int) -> torch.Tensor:
     return x_NC if len(x_NC) <= k else x_NC[torch.randperm(len(x_NC), device=x_NC.device)[:k]]
 
@@ -173,8 +223,18 @@ class Tokenizer(nn.Module):
         super().__init__()
         self.cfg, self.order = cfg, order
         self.layout = TokenLayout(cfg.scales, order, cfg.detail_depth)
-        args = (cfg.channels, cfg.channel_multipliers, cfg.res_blocks, cfg.attention, cfg.latent_channels)
+        args = (
+            cfg.channels,
+            cfg.channel_multipliers,
+            cfg.res_blocks,
+            cfg.attention_levels,
+            cfg.mid_attention,
+            cfg.latent_channels,
+        )
         self.encoder, self.decoder = Encoder(*args), Decoder(*args)
+        C = cfg.latent_channels
+        self.quant_conv = nn.Conv2d(C, C, 3, padding=1) if cfg.quant_conv else nn.Identity()
+        self.post_quant_conv = nn.Conv2d(C, C, 3, padding=1) if cfg.quant_conv else nn.Identity()
         self.codebook = nn.Embedding(cfg.codebook_size, cfg.latent_channels)
         nn.init.uniform_(self.codebook.weight, -1 / cfg.codebook_size, 1 / cfg.codebook_size)
         self.phi = Phi(cfg.latent_channels, cfg.phi_convs, cfg.phi_ratio, self.layout.num_maps)
@@ -185,22 +245,29 @@ class Tokenizer(nn.Module):
         """[f_{B_0} = E(I), f_{B_1}, …, f_{B_n}] from images in [0, 1], all levels in one encoder pass."""
         B = image_B3HW.shape[0]
         levels = torch.cat([image_B3HW.unsqueeze(1), bases_BK3HW[:, : self.order]], dim=1)
-        f = self.encoder(levels.flatten(0, 1) * 2 - 1)
+        f = self.encode(levels.flatten(0, 1))
         return list(f.unflatten(0, (B, self.order + 1)).unbind(1))
+
+    def encode(self, image_B3HW: torch.Tensor) -> torch.Tensor:
+        """Image in [0, 1] → latent f (VAR's networks work on [−1, 1])."""
+        return self.quant_conv(self.encoder(image_B3HW * 2 - 1))
 
     def decode(self, f_BChw: torch.Tensor) -> torch.Tensor:
         """Latent → image in [0, 1] (unclamped: losses see the raw output)."""
-        return (self.decoder(f_BChw) + 1) / 2
+        return (self.decoder(self.post_quant_conv(f_BChw)) + 1) / 2
 
     # -- Algorithm 1 -------------------------------------------------------------------------------------------
 
     def nearest_codes(self, r_BChw: torch.Tensor) -> torch.Tensor:
+        """idx_Bhw of the nearest codes, with VAR's arithmetic: ‖r‖² + ‖e‖² − 2 r·e in one fused GEMM."""
         r_NC = r_BChw.permute(0, 2, 3, 1).reshape(-1, r_BChw.shape[1])
-        codes_VC = self.codebook.weight
-        distance_NV = r_NC.square().sum(1, keepdim=True) - 2 * r_NC @ codes_VC.T + codes_VC.square().sum(1)
+        codes_VC = self.codebook.weight.detach()
+        distance_NV = r_NC.square().sum(1, keepdim=True) + codes_VC.square().sum(1)
+        distance_NV = torch.addmm(distance_NV, r_NC, codes_VC.T, alpha=-2)
         B, _, h, w = r_BChw.shape
         return distance_NV.argmin(1).view(B, h, w)
 
+    @full_precision
     def map_contribution(self, idx_Bhw: torch.Tensor, map_index: int) -> torch.Tensor:
         """φ_m(up(z)) for map m's codes: what the map adds to f̂ at full latent size."""
         z_BChw = self.codebook(idx_Bhw).permute(0, 3, 1, 2)
@@ -226,6 +293,7 @@ class Tokenizer(nn.Module):
         return idx_Bhw, self.map_contribution(idx_Bhw, map_index), r_BChw
 
     @torch.no_grad()
+    @full_precision
     def tokenize_base(self, f_BChw: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The base part of Algorithm 1 for any latent f (e.g. a crop of an upsampled one): VAR's multi-scale
         residual quantisation over the base scales. Returns the base maps and their composition f̂."""
@@ -236,6 +304,7 @@ class Tokenizer(nn.Module):
             f_hat, residual = f_hat + h_BChw, residual - h_BChw
         return indices, f_hat
 
+    @full_precision
     def quantize(self, f_levels: list[torch.Tensor], beta: float = 0.25) -> Quantized:
         """Algorithm 1 on encodings f_{B_0} … f_{B_n}: token maps, component prefixes and the VQ loss."""
         n = self.order
@@ -269,6 +338,7 @@ class Tokenizer(nn.Module):
 
     # -- Algorithm 2 -------------------------------------------------------------------------------------------
 
+    @full_precision
     def compose(self, indices: list[torch.Tensor], num_maps: int | None = None) -> torch.Tensor:
         """f̂ = Σ φ_k(z_k) over the first ``num_maps`` maps (all by default)."""
         count = len(indices) if num_maps is None else num_maps
@@ -289,6 +359,7 @@ class Tokenizer(nn.Module):
 
     # -- what the transformer sees ---------------------------------------------------------------------------
 
+    @full_precision
     def next_input(self, f_hat_BChw: torch.Tensor, map_index: int) -> torch.Tensor:
         """The transformer's input for map m: f̂ after maps < m, at map m's size (base) or full size (detail)."""
         side = self.layout.maps[map_index].side
@@ -297,6 +368,7 @@ class Tokenizer(nn.Module):
         return F.interpolate(f_hat_BChw, size=(side, side), mode="area")
 
     @torch.no_grad()
+    @full_precision
     def teacher_forcing_inputs(self, indices: list[torch.Tensor]) -> torch.Tensor:
         """Inputs for maps 1 … M−1 (map 0 starts from the class token), flattened: x_B(L−1)C."""
         f_hat = torch.zeros_like(self.map_contribution(indices[0], 0))

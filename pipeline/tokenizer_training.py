@@ -85,6 +85,45 @@ class TokenizerConfig:
         "for the Figure-7 comparison.",
     )
     eval_images: int = Field(256, ge=1, description="Val images used for the reconstruction metrics.")
+    init_from: str | None = Field(
+        None,
+        description="Stem of a saved tokenizer (e.g. one `cart import-var` wrote) to start every variant from: "
+        "encoder, decoder, quant convs, codebook and φ are copied (the architecture must match; any order). "
+        "The codebook is then kept, not re-drawn from data.",
+    )
+
+
+def init_tokenizer_from(model: Tokenizer, stem: str | Path) -> list[str]:
+    """Copy every tensor of the tokenizer saved at ``stem`` into ``model``; return what was copied, by part.
+
+    A tokenizer's weights do not depend on its order (that only decides how maps are laid out), so VAR's VQVAE can
+    start a CART tokenizer of any order. Any missing, extra or differently shaped tensor is a ``ConfigError`` naming
+    the key: a partial copy would silently train a different network than the one asked for.
+    """
+    from pipeline.config import ConfigError
+    from pipeline.weights import load_init_source
+
+    _, state = load_init_source(stem, "tokenizer.init_from")
+    ours = model.state_dict()
+    problems = [
+        f"{stem}: key {k!r} has shape {tuple(state[k].shape)}, tokenizer.model needs {tuple(v.shape)}"
+        for k, v in ours.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems += [
+        f"{stem}: key {k!r} is missing (tokenizer.model needs shape {tuple(v.shape)})"
+        for k, v in ours.items()
+        if k not in state
+    ]
+    problems += [f"{stem}: key {k!r} is not in a tokenizer with this tokenizer.model" for k in state if k not in ours]
+    if problems:
+        raise ConfigError("tokenizer.init_from", problems[:5])
+    model.load_state_dict(state)
+    parts: dict[str, int] = {}
+    for key in ours:
+        part = key.split(".")[0]
+        parts[part] = parts.get(part, 0) + 1
+    return [f"{part} ({count} tensors)" for part, count in parts.items()]
 
 
 class MissingWeights(FileNotFoundError):
@@ -140,8 +179,11 @@ class TokenizerTask:
         val_batches: Callable[[], Iterator],
         eval_images: int,
         perceptual: nn.Module | None = None,
+        codes_from_data: bool | None = None,
     ):
         self.model, self.cfg = model, cfg
+        # An initialised codebook (init_from) is kept: drawing it again from residuals would throw it away.
+        self.codes_from_data = cfg.init_codes_from_data if codes_from_data is None else codes_from_data
         self.val_batches, self.eval_images = val_batches, eval_images
         self.perceptual = perceptual
         self.disc = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers) if cfg.lambda_gan > 0 else None
@@ -231,7 +273,7 @@ class TokenizerTask:
         return loss, {"gan_d": loss.item()}
 
     def after_step(self, step: int, batch) -> dict[str, float]:
-        if step == 0 and self.cfg.init_codes_from_data and self._residuals is not None:
+        if step == 0 and self.codes_from_data and self._residuals is not None:
             # With VQGAN's near-zero init every latent first snaps to a handful of codes, φ(z) is almost constant,
             # the decoder learns to ignore it and the encoder collapses onto the codes: the one-map VQ-VAE never
             # left 11 dB that way. Codes drawn from the encoder's own outputs make the first decodes informative.
@@ -363,13 +405,21 @@ def variants(cfg: TokenizerConfig, order: int) -> list[Variant]:
 
 
 def train_tokenizers(
-    cfg: TokenizerConfig, order: int, resolution: int, paths: TokenizerPaths, progress: Progress | None = None
+    cfg: TokenizerConfig,
+    order: int,
+    resolution: int,
+    paths: TokenizerPaths,
+    progress: Progress | None = None,
+    log: Callable[[str], None] = lambda message: None,
 ) -> dict[str, dict[str, Any]]:
-    """Train every variant (resuming from matching checkpoints), save weights, evaluate, draw the figures."""
+    """Train every variant (resuming from matching checkpoints), save weights, evaluate, draw the figures.
+
+    With ``cfg.init_from`` every variant starts from that tokenizer; ``log`` hears what was copied."""
     from pipeline.decomposed import decode_training_sample, split_shards
     from pipeline.loader import ShardLoader
     from pipeline.runtime import dist_from_env
     from pipeline.train import RunPaths, shard_training_loader, train
+    from pipeline.weights import init_fingerprint
 
     perceptual = load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_weights) if cfg.loss.lambda_perceptual > 0 else None
     manifest = json.loads((paths.data / "manifest.json").read_text())
@@ -384,13 +434,23 @@ def train_tokenizers(
     count = manifest["splits"]["train"]["count"]
     train_loader, per_epoch = shard_training_loader(train_urls, decode_training_sample, count, cfg.train)
     val_loader = ShardLoader(val_urls, decode_training_sample, batch_size=64, shuffle=False)
-    inputs = atomic.files_fingerprint(paths.data)
+    inputs = atomic.files_fingerprint(paths.data) + init_fingerprint(cfg.init_from)
     results: dict[str, dict[str, Any]] = {}
     models: dict[str, Tokenizer] = {}
     for variant in variants(cfg, order):
         torch.manual_seed(cfg.train.seed)
         model = Tokenizer(variant.model, variant.order)
-        task = TokenizerTask(model, cfg.loss, lambda: iter(val_loader.epoch(0)), cfg.eval_images, perceptual)
+        if cfg.init_from:
+            copied = init_tokenizer_from(model, cfg.init_from)
+            log(f"{variant.name}: copied from {cfg.init_from}: {', '.join(copied)}")
+        task = TokenizerTask(
+            model,
+            cfg.loss,
+            lambda: iter(val_loader.epoch(0)),
+            cfg.eval_images,
+            perceptual,
+            codes_from_data=cfg.loss.init_codes_from_data and not cfg.init_from,
+        )
         run = RunPaths(paths.checkpoints / variant.name, paths.live / variant.name)
         settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("compare", "eval_images")}
         fingerprint = atomic.fingerprint(

@@ -40,7 +40,9 @@ class TrainConfig:
     lr: float = Field(3e-4, gt=0, description="Peak learning rate (after warm-up).")
     warmup_steps: int = Field(50, ge=0, description="Linear warm-up from 0 to lr.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay ends at lr × this.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (never on norms, biases, embeddings).")
+    weight_decay: float = Field(
+        0.0, ge=0, description="AdamW weight decay (never on norms, biases, embedding tables but the class embedding)."
+    )
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW β1.")
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW β2.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this (0: no clipping).")
@@ -115,10 +117,12 @@ def adamw(groups: list[dict], cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
 
 
-def decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and convolution kernels only: never on norms, biases or embeddings."""
+def decay_groups(module: nn.Module, weight_decay: float, decayed_embeddings: list[nn.Parameter] = ()) -> list[dict]:
+    """Weight decay on matrices and convolution kernels only: never on norms, biases or embedding tables, except
+    the tables in ``decayed_embeddings`` (VAR decays its class embedding)."""
     decay, no_decay = [], []
-    embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    exempt = {id(p) for p in decayed_embeddings}
+    embeddings = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)} - exempt
     for p in module.parameters():
         if not p.requires_grad:
             continue

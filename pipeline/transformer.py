@@ -40,6 +40,23 @@ class TransformerModelConfig:
         0.1, ge=0, le=1, description="Probability that a training label becomes the unconditional class (for CFG)."
     )
     norm_eps: float = Field(1e-6, gt=0, description="Layer-norm epsilon.")
+    drop_path: float = Field(
+        -1.0,
+        lt=1,
+        description="Stochastic depth: the rate rises linearly from 0 (first block) to this (last block); negative: "
+        "VAR's 0.1·depth/24.",
+    )
+    init_std: float = Field(
+        -1.0, description="Std of the truncated-normal init of every matrix and embedding; negative: VAR's √(1/(3C))."
+    )
+    init_adaln: float = Field(0.5, ge=0, description="Scale of the initial AdaLN shift/scale weights (VAR: 0.5).")
+    init_gate: float = Field(1e-5, ge=0, description="Scale of the initial AdaLN gate weights (VAR: 1e-5).")
+    init_head: float = Field(0.02, ge=0, description="Scale of the initial output-head weights (VAR: 0.02).")
+    decay_class_embedding: bool = Field(
+        True,
+        description="Weight decay on the class embedding, as VAR applies it (position and level embeddings, norms "
+        "and biases are never decayed).",
+    )
 
     def __post_init__(self):
         if self.resolved_width % self.resolved_heads:
@@ -55,6 +72,14 @@ class TransformerModelConfig:
     @property
     def resolved_heads(self) -> int:
         return self.heads or self.depth
+
+    @property
+    def resolved_drop_path(self) -> float:
+        return self.drop_path if self.drop_path >= 0 else 0.1 * self.depth / 24
+
+    @property
+    def resolved_init_std(self) -> float:
+        return self.init_std if self.init_std >= 0 else math.sqrt(1 / (3 * self.resolved_width))
 
 
 @section
@@ -72,6 +97,21 @@ class SamplingConfig:
     top_p: float = Field(0.0, ge=0, le=1, description="Nucleus sampling: the likeliest codes covering p (0 or 1: off).")
     temperature: float = Field(1.0, gt=0, description="Logits are divided by this before filtering.")
     seed: int = Field(0, ge=0, description="Seed of the sampling generator when none is passed.")
+    preset: Literal["none", "var_fid"] = Field(
+        "none",
+        description="var_fid: VAR's FID recipe (its cfg 1.5 = guidance 2.5, linear schedule, top-k 900, top-p 0.96, "
+        "temperature 1), replacing those keys; none: the keys as written.",
+    )
+
+    def resolved(self) -> SamplingConfig:
+        """The settings sampling uses: the preset's values where a preset is chosen."""
+        if self.preset == "var_fid":
+            return dataclasses.replace(self, **VAR_FID_SAMPLING, preset="none")
+        return self
+
+
+# VAR's released FID/IS numbers use cfg = 1.5 (our guidance 1 + 1.5), top-k 900, top-p 0.96 (its README, demo).
+VAR_FID_SAMPLING = {"guidance": 2.5, "guidance_schedule": "linear", "top_k": 900, "top_p": 0.96, "temperature": 1.0}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,7 +143,12 @@ class Attention(nn.Module):
     def __init__(self, width: int, heads: int, qk_norm: bool):
         super().__init__()
         self.heads, self.qk_norm = heads, qk_norm
-        self.qkv = nn.Linear(width, 3 * width)
+        # Biases on q and v only, as in VAR: a k bias adds q·b_k to every score of a query, which softmax ignores
+        # in plain attention, so VAR fixes it at zero (and we keep its parameterisation under q/k normalisation).
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(width))
+        self.v_bias = nn.Parameter(torch.zeros(width))
+        self.register_buffer("k_bias", torch.zeros(width), persistent=False)
         self.proj = nn.Linear(width, width)
         if qk_norm:
             # Per-head temperature of cosine attention, learned in log space from 4 and capped at 100 (VAR).
@@ -114,8 +159,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, L, C = x_BLC.shape
         H = self.heads
-        q, k, v = self.qkv(x_BLC).view(B, L, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)  # each BHLc
-        scale = None  # SDPA's default 1/√c
+        bias = torch.cat([self.q_bias, self.k_bias, self.v_bias])
+        q, k, v = F.linear(x_BLC, self.qkv.weight, bias).view(B, L, 3, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
+        scale = 0.25 / math.sqrt(C // H)  # VAR's temperature without q/k normalisation: 4× SDPA's 1/√c
         if self.qk_norm:
             scale_H11 = self.log_scale_H.clamp_max(math.log(100.0)).exp().view(H, 1, 1)
             q = F.normalize(q, dim=-1) * scale_H11.to(q.dtype)  # an fp32 scale must not promote bf16 q
@@ -130,10 +176,10 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """VAR's AdaLNSelfAttn: pre-norm attention and tanh-GELU MLP, each shifted, scaled and gated by the class."""
 
-    def __init__(self, cfg: TransformerModelConfig):
+    def __init__(self, cfg: TransformerModelConfig, drop_path: float = 0.0):
         super().__init__()
         width = cfg.resolved_width
-        self.eps, self.dropout = cfg.norm_eps, cfg.dropout
+        self.eps, self.dropout, self.drop_path = cfg.norm_eps, cfg.dropout, drop_path
         self.attn = Attention(width, cfg.resolved_heads, cfg.qk_norm)
         self.fc1 = nn.Linear(width, round(width * cfg.mlp_ratio))
         self.fc2 = nn.Linear(round(width * cfg.mlp_ratio), width)
@@ -145,10 +191,17 @@ class Block(nn.Module):
         C = x_BLC.shape[-1]
         h = torch.addcmul(shift1, F.layer_norm(x_BLC, (C,), eps=self.eps), scale1 + 1)
         h = F.dropout(self.attn(h, mask_LL, cache), self.dropout, self.training)
-        x_BLC = torch.addcmul(x_BLC, gate1, h)
+        x_BLC = torch.addcmul(x_BLC, self._keep_B11(x_BLC) * gate1, h)
         h = torch.addcmul(shift2, F.layer_norm(x_BLC, (C,), eps=self.eps), scale2 + 1)
         h = F.dropout(self.fc2(F.gelu(self.fc1(h), approximate="tanh")), self.dropout, self.training)
-        return torch.addcmul(x_BLC, gate2, h)
+        return torch.addcmul(x_BLC, self._keep_B11(x_BLC) * gate2, h)
+
+    def _keep_B11(self, x_BLC: torch.Tensor) -> torch.Tensor | float:
+        """Stochastic depth: per sample, drop the branch with probability p and scale the kept ones by 1/(1 − p)."""
+        if not self.training or self.drop_path == 0:
+            return 1.0
+        keep = 1 - self.drop_path
+        return x_BLC.new_empty(x_BLC.shape[0], 1, 1).bernoulli_(keep) / keep
 
 
 def block_causal_mask(lengths: list[int]) -> torch.Tensor:
@@ -184,28 +237,34 @@ class CART(nn.Module):
         self.register_buffer("mask_LL", block_causal_mask(layout.lengths), persistent=False)
         # One GEMM yields every block's six AdaLN vectors and the head's two: the class is all they depend on.
         self.ada_lin = nn.Linear(C, (6 * cfg.depth + 2) * C)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        rates = torch.linspace(0, cfg.resolved_drop_path, cfg.depth).tolist()  # VAR's linear stochastic-depth rule
+        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
         self.head = nn.Linear(C, codebook_size)
         self._init_weights()
+
+    def decayed_embeddings(self) -> list[nn.Parameter]:
+        """Embedding tables that weight decay applies to all the same (VAR decays its class embedding)."""
+        return [self.class_embed.weight] if self.cfg.decay_class_embedding else []
 
     @property
     def unconditional(self) -> int:
         """The class index of unconditional generation (classifier-free guidance)."""
         return self.num_classes
 
-    def _init_weights(self, std: float = 0.02, adaln: float = 0.5, gate: float = 1e-5, head: float = 0.02):
+    def _init_weights(self):
         """VAR's init: blocks start as near-identity (tiny gates), residual projections scaled by 1/√(2·depth)."""
+        cfg = self.cfg
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
-                nn.init.trunc_normal_(module.weight, std=std)
-            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=cfg.resolved_init_std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-        C, depth = self.cfg.resolved_width, self.cfg.depth
+        C, depth = cfg.resolved_width, cfg.depth
         with torch.no_grad():
-            self.head.weight.mul_(head)
-            rows = self.ada_lin.weight.view(6 * depth + 2, C, C)
-            rows.mul_(adaln)
-            rows[: 6 * depth].view(depth, 6, C, C)[:, :2].mul_(gate / adaln)  # gate1, gate2 of every block
+            self.head.weight.mul_(cfg.init_head)
+            factor_K = torch.full((6 * depth + 2,), cfg.init_adaln)
+            factor_K[: 6 * depth].view(depth, 6)[:, :2] = cfg.init_gate  # gate1, gate2 of every block
+            self.ada_lin.weight.view(6 * depth + 2, C, C).mul_(factor_K.view(-1, 1, 1))
             for block in self.blocks:
                 block.attn.proj.weight.div_(math.sqrt(2 * depth))
                 block.fc2.weight.div_(math.sqrt(2 * depth))
@@ -256,7 +315,8 @@ class CART(nn.Module):
         if L not in self.layout.offsets:
             raise ValueError(f"{x_BlC.shape[1]} input tokens are not the inputs of whole maps 1 … m")
         cond_BC, mod_B1KC = self.condition(label_B)
-        x_BLC = torch.cat([self.start_tokens(cond_BC), self.input_embed(x_BlC) + self.position(L0, L)], dim=1)
+        with torch.autocast(x_BlC.device.type, enabled=False):  # embeddings in fp32 whatever the precision, as VAR
+            x_BLC = torch.cat([self.start_tokens(cond_BC), self.input_embed(x_BlC) + self.position(L0, L)], dim=1)
         return self.head(self.trunk(x_BLC, mod_B1KC, self.mask_LL[:L, :L]))
 
 
@@ -312,6 +372,7 @@ def generate(
     gives the first maps instead of sampling them (e.g. base maps, to sample only the details): they are returned
     as they are and draw nothing from the generator.
     """
+    cfg = cfg.resolved()
     if generator is None:
         generator = torch.Generator(label_B.device).manual_seed(cfg.seed)
     layout, B = model.layout, len(label_B)

@@ -37,6 +37,12 @@ class TransformerConfig:
     sampling: SamplingConfig = Field(
         default_factory=SamplingConfig, description="How `cart sample` and `evaluate` draw images by default."
     )
+    init_from: str | None = Field(
+        None,
+        description="Stem of a saved transformer (e.g. VAR's, imported by `cart import-var`) to start from: every "
+        "tensor whose name and shape fit is copied, position and level embeddings for the maps both layouts "
+        "share, the rest starts fresh (both lists are printed). The width must match.",
+    )
 
 
 def map_names(layout: TokenLayout) -> list[str]:
@@ -68,7 +74,7 @@ class TransformerTask:
         self.map_of_token_L = self.map_of_token_L.to(device)
 
     def phases(self, cfg: TrainConfig) -> list[Phase]:
-        optimizer = adamw(decay_groups(self.model, cfg.weight_decay), cfg)
+        optimizer = adamw(decay_groups(self.model, cfg.weight_decay, self.model.decayed_embeddings()), cfg)
         return [Phase("transformer", optimizer, self.loss, list(self.model.parameters()))]
 
     def to_device(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,6 +135,68 @@ def evaluate_transformer(model: CART, tokenizer: Tokenizer, batches: Iterator) -
     return {k: v / max(count, 1) for k, v in sums.items()}
 
 
+@dataclass
+class InitReport:
+    copied: list[str]
+    partly: list[str]  # embedding tables of which the rows of the shared maps were copied
+    fresh: list[str]
+
+
+def _shared_maps(source: dict[str, Any], layout: TokenLayout) -> int:
+    """How many leading maps the saved layout and ``layout`` have in common (same side, same kind and level)."""
+    ours = layout.to_json()["maps"]
+    shared = 0
+    for a, b in zip(source["maps"], ours, strict=False):
+        if (a["h"], a["w"], a["kind"], a["level"]) != (b["h"], b["w"], b["kind"], b["level"]):
+            break
+        shared += 1
+    return shared
+
+
+def init_transformer_from(model: CART, stem: str | Path) -> InitReport:
+    """Start ``model`` from the transformer saved at ``stem``: copy what fits, keep the rest as initialised.
+
+    Tensors of the same name and shape are copied whole. The position and level tables are copied for the maps
+    both layouts begin with: VAR's base maps open every CART layout, so a CART transformer keeps VAR's embeddings
+    of the base and learns those of its detail maps. A different width leaves nothing to copy: ``ConfigError``.
+    """
+    from pipeline.config import ConfigError
+    from pipeline.weights import load_init_source
+
+    config, state = load_init_source(stem, "transformer.init_from")
+    ours = model.state_dict()
+    width = model.cfg.resolved_width
+    source_width = state["class_embed.weight"].shape[1] if "class_embed.weight" in state else None
+    if source_width != width:
+        raise ConfigError(
+            "transformer.init_from",
+            [f"{stem}: key 'class_embed.weight' gives width {source_width}, transformer.model gives {width}"],
+        )
+    source_layout = TokenLayout(config["layout"]["scales"], config["layout"]["order"], config["layout"]["detail_depth"])
+    shared = _shared_maps(config["layout"], model.layout)
+    report = InitReport([], [], [])
+    same_layout = shared == model.layout.num_maps == source_layout.num_maps
+    with torch.no_grad():
+        for key, tensor in ours.items():
+            by_map = key in ("pos_embed.weight", "level_embed.weight") and not same_layout
+            if key in state and state[key].shape == tensor.shape and not by_map:
+                tensor.copy_(state[key])
+                report.copied.append(key)
+            elif by_map and key in state and shared:
+                # Rows belong to maps: copy those of the maps both layouts share, even where the table sizes
+                # agree by chance (a VAR base map's row must not become a detail map's).
+                if key == "pos_embed.weight":
+                    rows = model.layout.offsets[shared]
+                    tensor[:rows] = state[key][:rows]
+                else:
+                    ids, source_ids = model.layout.map_level_ids()[:shared], source_layout.map_level_ids()[:shared]
+                    tensor[ids] = state[key][source_ids]
+                report.partly.append(f"{key} (the {shared} shared maps)")
+            else:
+                report.fresh.append(key)
+    return report
+
+
 @dataclass(frozen=True)
 class TransformerPaths:
     tokens: Path  # data/tokens
@@ -151,13 +219,19 @@ def build_model(cfg: TransformerModelConfig, manifest: dict[str, Any], seed: int
 
 
 def train_transformer(
-    cfg: TransformerConfig, paths: TransformerPaths, progress: Progress | None = None
+    cfg: TransformerConfig,
+    paths: TransformerPaths,
+    progress: Progress | None = None,
+    log: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
-    """Train (resuming from a matching checkpoint), save the weights, return val metrics before and after."""
+    """Train (resuming from a matching checkpoint), save the weights, return val metrics before and after.
+
+    With ``cfg.init_from`` the model starts from that transformer; ``log`` hears what was copied and what not."""
     from pipeline.decomposed import split_shards
     from pipeline.loader import ShardLoader
     from pipeline.runtime import dist_from_env
     from pipeline.train import shard_training_loader, train
+    from pipeline.weights import init_fingerprint
 
     manifest = json.loads((paths.tokens / "manifest.json").read_text())
     tokenizer, tokenizer_config = load_tokenizer(paths.tokenizer)
@@ -172,12 +246,19 @@ def train_transformer(
     train_loader, per_epoch = shard_training_loader(train_urls, decode_token_sample, count, cfg.train)
     val_loader = ShardLoader(val_urls, decode_token_sample, batch_size=128, shuffle=False)
     model = build_model(cfg.model, manifest, cfg.train.seed)
+    if cfg.init_from:
+        report = init_transformer_from(model, cfg.init_from)
+        log(f"copied from {cfg.init_from}: {', '.join(report.copied + report.partly) or 'nothing'}")
+        log(f"initialised fresh: {', '.join(report.fresh) or 'nothing'}")
     # The untrained model's val loss is the reference for "val loss falls on every map".
     before = evaluate_transformer(model, tokenizer, iter(val_loader.epoch(0))) if dist_from_env().is_main else {}
     task = TransformerTask(model, tokenizer, lambda: iter(val_loader.epoch(0)))
     settings = {"model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train)}
     fingerprint = atomic.fingerprint(
-        settings, atomic.files_fingerprint(paths.tokens), atomic.files_fingerprint(paths.tokenizer.parent)
+        settings,
+        atomic.files_fingerprint(paths.tokens),
+        atomic.files_fingerprint(paths.tokenizer.parent),
+        init_fingerprint(cfg.init_from),
     )
     run = RunPaths(paths.checkpoints, paths.live)
     after = train(task, cfg.train, train_loader.epoch, run, fingerprint, batches_per_epoch=per_epoch, progress=progress)

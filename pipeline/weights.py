@@ -28,6 +28,26 @@ def load_config(stem: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def load_init_source(stem: str | Path, key: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Config and tensors of the model a training starts from (``key``, e.g. ``tokenizer.init_from``): a missing
+    or unreadable file is a bad parameter (``ConfigError``), reported before anything is written."""
+    from pipeline.config import ConfigError
+
+    try:
+        return load_config(stem), load_state(stem)
+    except Exception as err:  # missing files, bad JSON, a truncated safetensors file: all a bad parameter here
+        raise ConfigError(key, [f"{stem}: {err}"]) from None
+
+
+def init_fingerprint(stem: str | Path | None) -> list:
+    """What a run started from, for checkpoint fingerprints: another init file never resumes a stale run."""
+    if stem is None:
+        return []
+    paths = [Path(stem).with_suffix(".json"), Path(stem).with_suffix(".safetensors")]
+    # A missing file fingerprints as absent: loading it reports the problem, with the parameter's name.
+    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) if p.exists() else (str(p),) for p in paths]
+
+
 def load_state(stem: str | Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     path = Path(stem).with_suffix(".safetensors")
     if not path.is_file():

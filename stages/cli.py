@@ -17,6 +17,7 @@ from stages import (
     train_evaluator,
     train_tokenizer,
     train_transformer,
+    var_checkpoints,
 )
 from stages.common import ParamsOption, summary
 
@@ -38,6 +39,8 @@ app.command("train-evaluator")(train_evaluator.command)
 app.command("evaluate")(evaluate.command)
 app.command("sample")(sample.command)
 app.command("experiments")(experiments.command)
+app.command("import-var")(var_checkpoints.import_command)
+app.command("export-var")(var_checkpoints.export_command)
 
 _PACKAGES = (
     "cart",

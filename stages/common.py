@@ -48,7 +48,9 @@ def load(params_path: Path):
 
 
 def reports_errors(func: F) -> F:
-    """Turn the pipeline's expected failures (bad input, missing upstream output) into a message and exit 1."""
+    """Turn the pipeline's expected failures into a message: exit 2 for bad parameters or a bad file the user handed
+    in (``InvalidInput``), exit 1 for the rest (bad data, a missing upstream output)."""
+    from pipeline.config import InvalidInput
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -56,6 +58,9 @@ def reports_errors(func: F) -> F:
             return func(*args, **kwargs)
         except typer.Exit:
             raise
+        except InvalidInput as err:
+            console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
+            raise typer.Exit(EXIT_INVALID_PARAMS) from None
         except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
             console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
             raise typer.Exit(EXIT_FAILED) from None

@@ -31,7 +31,7 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
 
     p = load(params)
     with progress() as bar:
-        m = evaluate(p.evaluate, p.transformer.sampling, EvaluatePaths(**PATHS), bar)
+        m = evaluate(p.evaluate, p.transformer.sampling.resolved(), EvaluatePaths(**PATHS), bar)
     rows = []
     for suffix in ("ref", "inception"):
         if f"fid_{suffix}" in m:

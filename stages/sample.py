@@ -74,7 +74,9 @@ def command(
 
     p = load(params)
     overrides = {"guidance": cfg, "top_k": top_k, "top_p": top_p, "temperature": temperature, "seed": seed}
-    sampling = dataclasses.replace(p.transformer.sampling, **{k: v for k, v in overrides.items() if v is not None})
+    sampling = dataclasses.replace(
+        p.transformer.sampling.resolved(), **{k: v for k, v in overrides.items() if v is not None}
+    )
     target = resolve_device(device)
     model, config = load_transformer(checkpoint, target)
     tok, _ = load_tokenizer(tokenizer or Path(config["tokenizer"]), target)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.common import ParamsOption, load, progress, reports_errors, summary
+from stages.common import ParamsOption, console, load, progress, reports_errors, summary
 
 PATHS = dict(
     data=Path("data/decomposed"),
@@ -28,7 +28,9 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
 
     p = load(params)
     with progress() as bar:
-        results = train_tokenizers(p.tokenizer, p.decompose.order, p.data.resolution, TokenizerPaths(**PATHS), bar)
+        results = train_tokenizers(
+            p.tokenizer, p.decompose.order, p.data.resolution, TokenizerPaths(**PATHS), bar, log=console.print
+        )
     rows = []
     for name, r in results.items():
         lpips = f", LPIPS {r['lpips']:.3f}" if "lpips" in r else ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.common import ParamsOption, load, progress, reports_errors, summary
+from stages.common import ParamsOption, console, load, progress, reports_errors, summary
 
 PATHS = dict(
     tokens=Path("data/tokens"),
@@ -29,7 +29,7 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
 
     p = load(params)
     with progress() as bar:
-        result = train_transformer(p.transformer, TransformerPaths(**PATHS), bar)
+        result = train_transformer(p.transformer, TransformerPaths(**PATHS), bar, log=console.print)
     if not result:
         return  # not the main process
     rows = [("val loss", f"{result['val_loss']:.3f} (untrained {result['val_loss_untrained']:.3f})")]

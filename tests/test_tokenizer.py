@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from pipeline.tokenizer import Tokenizer, TokenizerModelConfig, TokenLayout, load_tokenizer
+from pipeline.tokenizer import Tokenizer, TokenizerModelConfig, TokenLayout, load_tokenizer, phi_choice
 from pipeline.tokenizer_training import MissingWeights, TokenizerLossConfig, TokenizerTask, load_lpips
 from pipeline.train import TrainConfig
 from stages.cli import app
@@ -69,7 +69,7 @@ def test_order_0_is_var_multi_scale_residual_quantisation():
     model = make(0)
     image, bases = batch(0)
     with torch.no_grad():
-        f = model.encoder(image * 2 - 1)
+        f = model.encode(image)
         rest, f_hat, expected = f.clone(), torch.zeros_like(f), []
         for m, side in enumerate(SMALL.scales):
             pooled = F.interpolate(rest, size=(side, side), mode="area")
@@ -272,3 +272,130 @@ def test_tokenize_base_is_the_base_part_of_algorithm_1():
     assert len(base_maps) == model.layout.num_base
     assert all(torch.equal(a, b) for a, b in zip(base_maps, quantized.indices, strict=False))
     assert torch.allclose(f_hat, quantized.prefixes[0], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("maps", "var_choice"),
+    [
+        (10, [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]),  # VAR's 256 px schedule
+        (7, [0, 0, 1, 2, 2, 3, 3]),  # the demo's
+        (5, [0, 1, 2, 2, 3]),
+        (13, [0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3]),
+    ],
+)
+def test_each_map_uses_the_phi_convolution_var_gives_it(maps, var_choice):
+    """Ties between ticks break as in VAR's float64 arithmetic (float32 paired maps 2, 7 of 10 with other convs)."""
+    assert phi_choice(4, maps) == var_choice
+    assert phi_choice(1, maps) == [0] * maps
+
+
+def test_codes_and_teacher_forcing_inputs_ignore_bf16_autocast():
+    """Quantisation runs in fp32 with autocast off, so training sees the tokens extract_tokens stores."""
+    model = make(0, TokenizerModelConfig(**{**SMALL.__dict__, "codebook_size": 512}))
+    f = model.encode(batch(0, n=8)[0]).detach()
+    with torch.no_grad():
+        fp32 = model.quantize([f])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model.quantize([f.bfloat16()])
+            inputs_bf16 = model.teacher_forcing_inputs(fp32.indices)
+            contribution = model.map_contribution(fp32.indices[2], 2)
+    assert all(torch.equal(a, b) for a, b in zip(fp32.indices, bf16.indices, strict=True))
+    assert torch.equal(inputs_bf16, model.teacher_forcing_inputs(fp32.indices))
+    assert contribution.dtype == torch.float32 and bf16.prefixes[0].dtype == torch.float32
+
+
+VAR_STRUCTURE = TokenizerModelConfig(
+    channels=32, channel_multipliers=[1, 1, 2], res_blocks=2, latent_channels=8, codebook_size=64, scales=[1, 2, 4]
+)
+
+
+def test_the_default_conv_net_has_vars_vqvae_structure():
+    """Attention after every block of the lowest level and in the middle, 3×3 quant convs, asymmetric padding
+    before an unpadded stride-2 conv, one more block per decoder level."""
+    model = Tokenizer(VAR_STRUCTURE, 0)
+    keys = set(model.state_dict())
+    assert {"encoder.down.2.attn.1.qkv.weight", "decoder.up.2.attn.2.proj_out.weight"} <= keys
+    assert not any(k.startswith(("encoder.down.1.attn", "decoder.up.0.attn")) for k in keys)
+    assert {"encoder.mid.attn_1.qkv.weight", "quant_conv.weight", "post_quant_conv.weight"} <= keys
+    assert "encoder.down.1.block.2.conv1.weight" not in keys and "decoder.up.1.block.2.conv1.weight" in keys
+    assert model.quant_conv.weight.shape == (8, 8, 3, 3)
+    down = model.encoder.down[0].downsample
+    assert down.conv.padding == (0, 0) and down.conv.stride == (2, 2)
+    x = torch.randn(1, 32, 16, 16)
+    assert torch.equal(down(x), F.conv2d(F.pad(x, (0, 1, 0, 1)), down.conv.weight, down.conv.bias, stride=2))
+    assert model.encode(torch.rand(2, 3, 16, 16)).shape == (2, 8, 4, 4)
+    plain = Tokenizer(
+        TokenizerModelConfig(**{**VAR_STRUCTURE.__dict__, "attention_levels": [], "mid_attention": False}), 0
+    )
+    assert not any(".attn" in k for k in plain.state_dict())
+    with pytest.raises(ValueError, match="attention_levels"):
+        TokenizerModelConfig(**{**VAR_STRUCTURE.__dict__, "attention_levels": [3]})
+
+
+def test_a_var_structured_tokenizer_trains_a_step():
+    torch.manual_seed(0)
+    model = Tokenizer(VAR_STRUCTURE, 1).train()
+    task = TokenizerTask(model, TokenizerLossConfig(), lambda: iter([]), 1)
+    (phase,) = task.phases(TrainConfig(lr=1e-3))
+    before = model.encoder.down[2].attn[0].qkv.weight.detach().clone()
+    loss, logs = phase.loss(batch(1, n=4), 0)
+    loss.backward()
+    phase.optimizer.step()
+    assert torch.isfinite(loss) and logs["psnr"] > 0
+    assert not torch.equal(before, model.encoder.down[2].attn[0].qkv.weight)
+
+
+def test_init_from_copies_every_tensor_into_a_tokenizer_of_any_order(tmp_path):
+    from pipeline.tokenizer import save_tokenizer
+    from pipeline.tokenizer_training import init_tokenizer_from
+
+    save_tokenizer(tmp_path / "var", make(0, seed=1), 16)
+    model = make(2, seed=2)
+    copied = init_tokenizer_from(model, tmp_path / "var")
+    source = load_file(str(tmp_path / "var.safetensors"))
+    assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items())
+    assert [c.split(" ")[0] for c in copied] == [
+        "encoder",
+        "decoder",
+        "quant_conv",
+        "post_quant_conv",
+        "codebook",
+        "phi",
+    ]
+
+
+def test_train_tokenizer_starts_from_init_from_and_keeps_its_codebook(workspace):
+    from pipeline.params import load_params
+    from pipeline.tokenizer import save_tokenizer
+    from tests.workspace import write_params
+
+    params = load_params(workspace / "params.yaml")
+    source = make(0, params.tokenizer.model, seed=3)
+    save_tokenizer(workspace / "start", source, 16)
+    write_params(workspace, {"tokenizer": {"init_from": "start", "train": {"steps": 1, "lr": 1e-9, "warmup_steps": 0}}})
+    result = CliRunner().invoke(app, ["train-tokenizer"])
+    assert result.exit_code == 0, result.output
+    assert "copied from start: encoder" in " ".join(result.output.split())
+    trained, _ = load_tokenizer(workspace / "models" / "tokenizer" / "tokenizer")
+    # Not re-drawn from encoder residuals at step 0 (what a fresh codebook gets): the imported codes stay.
+    torch.testing.assert_close(trained.codebook.weight, source.codebook.weight, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("problem", ["missing", "architecture"])
+def test_init_from_that_does_not_fit_exits_2_naming_it_and_writes_nothing(workspace, problem):
+    from pipeline.tokenizer import save_tokenizer
+    from tests.workspace import write_params
+
+    if problem == "architecture":  # 8 latent channels where the workspace's tokenizer has 4
+        narrow = TokenizerModelConfig(**{**SMALL.__dict__, "attention_levels": [], "mid_attention": False})
+        save_tokenizer(workspace / "start", make(0, narrow), 16)
+        write_params(workspace, {"tokenizer": {"init_from": "start", "model": {"latent_channels": 4}}})
+        expected = "start: key 'encoder.conv_out.weight' has shape (8, 16, 3, 3), tokenizer.model needs (4, 16, 3, 3)"
+    else:
+        write_params(workspace, {"tokenizer": {"init_from": "nowhere/start"}})
+        expected = "nowhere/start"
+    result = CliRunner().invoke(app, ["train-tokenizer"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "tokenizer.init_from" in text and expected in text
+    assert not (workspace / "models" / "tokenizer").exists()

@@ -25,7 +25,8 @@ TOKENIZER = TokenizerModelConfig(
     channels=8,
     channel_multipliers=[1, 2],
     res_blocks=1,
-    attention=False,
+    attention_levels=[],
+    mid_attention=False,
     latent_channels=8,
     codebook_size=32,
     scales=[1, 2, 3, 4],
@@ -127,7 +128,7 @@ def test_map_0_logits_depend_only_on_the_class():
 
 def test_class_dropout_replaces_labels_by_the_unconditional_class_in_training_only():
     tokenizer = make_tokenizer()
-    model = make_model(tokenizer, class_dropout=1.0)
+    model = make_model(tokenizer, class_dropout=1.0, drop_path=0.0)
     assert model.unconditional == NUM_CLASSES and model.class_embed.num_embeddings == NUM_CLASSES + 1
     x_BlC = tokenizer.teacher_forcing_inputs(random_indices(tokenizer, 2))
     label_B = torch.tensor([0, 4])
@@ -136,7 +137,7 @@ def test_class_dropout_replaces_labels_by_the_unconditional_class_in_training_on
     assert not torch.allclose(conditional, unconditional)
     model.train()
     torch.testing.assert_close(model(label_B, x_BlC), unconditional)
-    model = make_model(tokenizer, class_dropout=0.0).train()
+    model = make_model(tokenizer, class_dropout=0.0, drop_path=0.0).train()
     torch.testing.assert_close(model(label_B, x_BlC), model.eval()(label_B, x_BlC))
 
 
@@ -259,9 +260,103 @@ def test_save_then_load_gives_identical_logits(tmp_path):
     assert saved["layout"]["num_tokens"] == model.layout.num_tokens and saved["order"] == 1 == config["order"]
 
 
-def test_embedding_tables_get_no_weight_decay():
+def test_position_and_level_tables_get_no_weight_decay_and_the_class_table_does_as_in_var():
     model = make_model(make_tokenizer())
-    decayed = {id(p) for p in decay_groups(model, 0.1)[0]["params"]}
-    tables = [model.class_embed, model.start_embed, model.pos_embed, model.level_embed]
+    decayed = {id(p) for p in decay_groups(model, 0.1, model.decayed_embeddings())[0]["params"]}
+    tables = [model.start_embed, model.pos_embed, model.level_embed]
     assert not decayed & {id(t.weight) for t in tables}
-    assert id(model.blocks[0].attn.qkv.weight) in decayed
+    assert id(model.blocks[0].attn.qkv.weight) in decayed and id(model.class_embed.weight) in decayed
+    assert not decayed & {id(model.blocks[0].attn.q_bias), id(model.blocks[0].attn.log_scale_H)}
+    undecayed = make_model(make_tokenizer(), decay_class_embedding=False)
+    decayed = {id(p) for p in decay_groups(undecayed, 0.1, undecayed.decayed_embeddings())[0]["params"]}
+    assert id(undecayed.class_embed.weight) not in decayed
+
+
+def test_initialisation_is_vars():
+    """std √(1/(3C)) for matrices and tables, AdaLN weights × 0.5, gates × 1e-5, head × 0.02, q/v biases zero."""
+    torch.manual_seed(0)
+    cfg = TransformerModelConfig(depth=4, width=192, heads=4)
+    model = CART(cfg, make_tokenizer().layout, NUM_CLASSES, 512, TOKENIZER.latent_channels)
+    std, C = (1 / (3 * 192)) ** 0.5, 192
+    assert abs(model.blocks[1].fc1.weight.std() - std) < 0.05 * std
+    assert abs(model.pos_embed.weight.std() - std) < 0.05 * std
+    assert abs(model.head.weight.std() - 0.02 * std) < 0.05 * 0.02 * std
+    rows = model.ada_lin.weight.view(6 * 4 + 2, C, C)
+    assert abs(rows[6 * 2 + 4].std() - 0.5 * std) < 0.05 * 0.5 * std  # block 2's shift1
+    assert abs(rows[6 * 3 + 1].std() - 1e-5 * std) < 0.05 * 1e-5 * std  # block 3's gate2
+    assert abs(rows[-1].std() - 0.5 * std) < 0.05 * 0.5 * std  # the head's AdaLN
+    assert not model.blocks[0].attn.q_bias.any() and not model.blocks[0].attn.v_bias.any()
+    assert abs(model.blocks[3].fc2.weight.std() - std / 8**0.5) < 0.05 * std / 8**0.5  # ÷ √(2·depth)
+    explicit = CART(dataclasses.replace(cfg, init_std=0.02), make_tokenizer().layout, NUM_CLASSES, 512, 8)
+    assert abs(explicit.blocks[1].fc1.weight.std() - 0.02) < 0.001
+
+
+def test_stochastic_depth_rises_linearly_to_vars_rate_and_only_in_training():
+    tokenizer = make_tokenizer()
+    model = make_model(tokenizer, depth=4, width=32, class_dropout=0.0)
+    assert [round(b.drop_path, 6) for b in model.blocks] == [
+        0.0,
+        round(0.1 * 4 / 24 / 3, 6),
+        round(0.1 * 4 / 24 * 2 / 3, 6),
+        round(0.1 * 4 / 24, 6),
+    ]
+    heavy = make_model(tokenizer, depth=4, width=32, class_dropout=0.0, drop_path=0.9)
+    x_BlC = tokenizer.teacher_forcing_inputs(random_indices(tokenizer, 16))
+    label_B = torch.zeros(16, dtype=torch.long)
+    assert torch.equal(heavy(label_B, x_BlC), heavy(label_B, x_BlC))  # eval: deterministic, nothing dropped
+    heavy.train()
+    torch.manual_seed(0)
+    first = heavy(label_B, x_BlC)
+    assert not torch.allclose(first, heavy(label_B, x_BlC))  # a new draw of dropped branches per call
+    assert not torch.allclose(first, heavy.eval()(label_B, x_BlC))
+
+
+def test_attention_has_no_k_bias_and_vars_temperature_without_qk_norm():
+    torch.manual_seed(0)
+    attn = CART(dataclasses.replace(TINY, qk_norm=False), make_tokenizer().layout, NUM_CLASSES, 32, 8).blocks[0].attn
+    assert "k_bias" not in attn.state_dict() and attn.qkv.bias is None
+    with torch.no_grad():
+        attn.q_bias.normal_(), attn.v_bias.normal_()
+    x_BLC = torch.randn(2, 5, 32)
+    q, k, v = (x_BLC @ attn.qkv.weight.T).chunk(3, dim=-1)
+    q, v = q + attn.q_bias, v + attn.v_bias
+    heads = lambda t: t.view(2, 5, 2, 16).transpose(1, 2)  # noqa: E731
+    weights = (heads(q) @ heads(k).transpose(-1, -2) * 0.25 / 16**0.5).softmax(-1)
+    expected = attn.proj((weights @ heads(v)).transpose(1, 2).reshape(2, 5, 32))
+    torch.testing.assert_close(attn(x_BLC), expected)
+
+
+def test_var_fid_preset_is_vars_recipe():
+    preset = SamplingConfig(guidance=1.0, top_k=3, preset="var_fid").resolved()
+    assert (preset.guidance, preset.top_k, preset.top_p, preset.guidance_schedule) == (2.5, 900, 0.96, "linear")
+    assert SamplingConfig(top_k=3).resolved().top_k == 3
+    # VAR's logits (1 + t)·cond − t·uncond with t = 1.5·m/(M − 1) are ours with w = 1 + t.
+    assert [guidance_weight(preset, m, 4) for m in range(4)] == [1.0, 1.5, 2.0, 2.5]
+
+
+def test_init_from_copies_what_fits_and_the_embeddings_of_the_shared_maps(tmp_path):
+    """An order-0 (VAR) transformer starts an order-2 one: the base maps 1², 2² open both layouts."""
+    from pipeline.transformer_training import init_transformer_from
+
+    source = make_model(make_tokenizer(order=0), seed=1)
+    save_transformer(tmp_path / "var", source)
+    torch.manual_seed(5)
+    target = CART(TINY, make_tokenizer(order=2).layout, NUM_CLASSES + 2, 32, 8)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    report = init_transformer_from(target, tmp_path / "var")
+    after, theirs = target.state_dict(), source.state_dict()
+    assert "class_embed.weight" in report.fresh and torch.equal(
+        after["class_embed.weight"], before["class_embed.weight"]
+    )
+    by_map = {"pos_embed.weight", "level_embed.weight"}  # copied by map, never whole across layouts
+    assert set(report.copied) == {k for k in after if k in theirs and after[k].shape == theirs[k].shape} - by_map
+    assert all(torch.equal(after[k], theirs[k]) for k in report.copied) and "ada_lin.weight" in report.copied
+    shared = target.layout.offsets[2]  # the tokens of maps 1², 2²
+    assert torch.equal(after["pos_embed.weight"][:shared], theirs["pos_embed.weight"][:shared])
+    assert torch.equal(after["pos_embed.weight"][shared:], before["pos_embed.weight"][shared:])
+    assert torch.equal(after["level_embed.weight"][:2], theirs["level_embed.weight"][:2])
+    assert torch.equal(after["level_embed.weight"][2:], before["level_embed.weight"][2:])
+    assert len(report.partly) == 2
+    narrow = CART(dataclasses.replace(TINY, width=16), make_tokenizer(order=1).layout, NUM_CLASSES, 32, 8)
+    with pytest.raises(ValueError, match="width 32, transformer.model gives 16"):
+        init_transformer_from(narrow, tmp_path / "var")

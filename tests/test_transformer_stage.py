@@ -42,6 +42,23 @@ def test_stage_trains_saves_weights_and_val_loss_falls(tokens):
     assert "loss_m0_base1x1" in logged and "acc_m4_D1_8x8" in logged  # per-map difficulty is visible
 
 
+def test_stage_starts_from_init_from_and_prints_what_it_copied(tokens):
+    from pipeline.transformer import save_transformer
+    from pipeline.transformer_training import build_model
+
+    manifest = json.loads((tokens / "data" / "tokens" / "manifest.json").read_text())
+    cfg = load_params(tokens / "params.yaml").transformer
+    save_transformer(tokens / "start", build_model(cfg.model, manifest, seed=7))
+    write_params(tokens, {"transformer": {"init_from": "start", "train": {"steps": 2}}})
+    result = runner.invoke(app, ["train-transformer"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "copied from start: class_embed.weight" in text and "initialised fresh: nothing" in text
+    write_params(tokens, {"transformer": {"init_from": "start", "model": {"width": 64}}})
+    result = runner.invoke(app, ["train-transformer"])
+    assert result.exit_code == 2 and "transformer.init_from" in result.output
+
+
 def test_sample_writes_a_grid_and_a_progressive_strip_and_is_seeded(tokens):
     assert runner.invoke(app, ["train-transformer"]).exit_code == 0
     grid = runner.invoke(app, ["sample", "--classes", "0,3", "--n", "4", "--cfg", "1.5", "--out", "grid.png"])

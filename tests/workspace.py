@@ -28,7 +28,8 @@ TINY: dict[str, Any] = {
             "latent_channels": 8,
             "codebook_size": 64,
             "scales": [1, 2, 4, 6, 8],
-            "attention": False,
+            "attention_levels": [],
+            "mid_attention": False,
         },
         "loss": {"restart_every": 4},
         "train": {
