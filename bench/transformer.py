@@ -35,7 +35,7 @@ import yaml
 from pipeline.sources import DEMO_PHOTOGRAPHS
 from pipeline.tokenizer import Tokenizer, TokenizerModelConfig
 from pipeline.train import decay_groups
-from pipeline.transformer import CART, SamplingConfig, TransformerModelConfig, generate
+from pipeline.transformer import CART, SamplingConfig, TransformerModelConfig, forward_flops, generate
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 VAR_SAMPLING = SamplingConfig(guidance=2.5, top_k=900, top_p=0.96)  # VAR's FID setting: cfg 1.5 = weight 2.5
@@ -97,16 +97,6 @@ def demo_setup(path: Path) -> Setup:
 
 # ---------------------------------------------------------------------------------------------------------------
 # FLOPs
-
-
-def forward_flops(model: CART, trunk_rows: int, head_rows: int) -> float:
-    """Forward FLOPs of whole sequences: 2 per weight each token multiplies (not the per-image class and AdaLN
-    weights) plus QKᵀ and AV over the keys each query may see; the head runs on ``head_rows`` of them."""
-    layout, C, depth = model.layout, model.cfg.resolved_width, model.cfg.depth
-    trunk = sum(p.numel() for m in [*model.blocks, model.input_embed] for p in m.parameters() if p.ndim == 2)
-    visible = sum(length * end for length, end in zip(layout.lengths, layout.offsets[1:], strict=True))
-    per_sequence = 2 * trunk * layout.num_tokens + 4 * C * visible * depth
-    return trunk_rows * per_sequence + head_rows * 2 * model.head.weight.numel() * layout.num_tokens
 
 
 # ---------------------------------------------------------------------------------------------------------------

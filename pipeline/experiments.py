@@ -1,4 +1,8 @@
-"""The paper's Table 4 from `dvc exp`: every experiment's decomposition order against its FID, as a table and plot."""
+"""The paper's tables from `dvc exp`: every finished experiment's settings against its quality and cost.
+
+Runs are grouped only when every parameter but the seeds is equal (a demo run and a run on another dataset are
+never averaged into one row); each group is labelled by the parameters that tell it apart from the others.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import numpy as np
 
 UNFINISHED = {"Running", "Queued", "Failed"}
 COLUMNS = ("fid_ref", "kid_ref", "precision_ref", "recall_ref", "class_consistency_ref", "reconstruction_fid_ref")
+COST = ("tokens", "maps", "parameters", "train_flops_per_image", "sampling_images_per_s")
 
 
 def _number(value: Any) -> float | None:
@@ -28,8 +33,21 @@ def _get(row: dict[str, Any], key: str) -> Any:
     return next((v for k, v in row.items() if k.endswith(f":{key}") or k.endswith(f".{key}")), None)
 
 
-def experiment_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One point per finished run that has both a decomposition order and an FID.
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``: the names `dvc exp show` gives params.yaml's keys."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        out |= flatten(value, f"{name}.") if isinstance(value, dict) else {name: value}
+    return out
+
+
+def is_seed(param: str) -> bool:
+    return param.rsplit(".", 1)[-1] == "seed"
+
+
+def experiment_points(rows: list[dict[str, Any]], params: list[str]) -> list[dict[str, Any]]:
+    """One point per finished run that has a decomposition order and an FID, with its ``params`` values.
 
     The workspace and the commits it came from show the same run's metrics again: identical results count once.
     A running, queued or failed experiment shows the metrics files it started from, not its own: left out.
@@ -42,54 +60,64 @@ def experiment_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if order is None or fid is None:
             continue
         point = {"name": row.get("Experiment") or row.get("rev") or "?", "order": int(order)}
-        point["seed"] = _get(row, "transformer.train.seed")
-        point |= {c: _number(_get(row, c)) for c in COLUMNS}
-        key = (point["order"], point["seed"], *(point[c] for c in COLUMNS))
+        point["params"] = {p: _get(row, p) for p in params}
+        point |= {c: _number(_get(row, c)) for c in COLUMNS + COST}
+        key = (repr(sorted(point["params"].items())), *(point[c] for c in COLUMNS))
         if key not in seen:
             seen.add(key)
             points.append(point)
     return points
 
 
-def by_order(points: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
-    """Mean and standard deviation of every column over the experiments (seeds) of each order."""
-    groups: dict[int, list[dict[str, Any]]] = defaultdict(list)
+def group_runs(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs that differ in seeds only, as one row each: mean and standard deviation of every column, and a label
+    naming the parameters whose values differ between rows (the order first)."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for p in points:
-        groups[p["order"]].append(p)
-    table = {}
-    for order in sorted(groups):
-        runs = groups[order]
-        row: dict[str, float] = {"runs": len(runs)}
-        for c in COLUMNS:
+        settings = {k: v for k, v in p["params"].items() if not is_seed(k)}
+        groups[repr(sorted(settings.items(), key=lambda kv: kv[0]))].append(p)
+    settings = [runs[0]["params"] for runs in groups.values()]
+    names = {k for s in settings for k in s if not is_seed(k) and k != "decompose.order"}
+    varying = sorted(k for k in names if len({repr(s.get(k)) for s in settings}) > 1)
+    table = []
+    for runs in groups.values():
+        first = runs[0]
+        row: dict[str, Any] = {"order": first["order"], "runs": len(runs), "names": [r["name"] for r in runs]}
+        row["differs"] = {k: first["params"].get(k) for k in varying}
+        row["label"] = ", ".join([f"order {first['order']}"] + [f"{k}={v}" for k, v in row["differs"].items()])
+        for c in COLUMNS + COST:
             values = [r[c] for r in runs if r[c] is not None]
             row[c] = float(np.mean(values)) if values else float("nan")
             row[f"{c}_std"] = float(np.std(values)) if len(values) > 1 else 0.0
-        table[order] = row
-    return table
+        table.append(row)
+    return sorted(table, key=lambda r: (repr(list(r["differs"].values())), r["order"]))
 
 
-def fid_order_figure(points: list[dict[str, Any]], path: str | os.PathLike) -> None:
+def fid_order_figure(table: list[dict[str, Any]], path: str | os.PathLike) -> None:
+    """FID (mean ± std over seeds) against decomposition order, one series per setting of the other params."""
     from matplotlib.figure import Figure
 
     from pipeline.figures import _save
 
-    table = by_order(points)
-    fig = Figure(figsize=(5, 3.5), layout="constrained")
+    series: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in table:
+        series[", ".join(f"{k}={v}" for k, v in row["differs"].items()) or "runs"].append(row)
+    fig = Figure(figsize=(5.5, 3.8), layout="constrained")
     ax = fig.subplots()
-    ax.scatter([p["order"] for p in points], [p["fid_ref"] for p in points], alpha=0.4, label="runs")
-    orders = list(table)
-    ax.errorbar(
-        orders,
-        [table[o]["fid_ref"] for o in orders],
-        yerr=[table[o]["fid_ref_std"] for o in orders],
-        marker="o",
-        capsize=3,
-        label="mean ± std",
-    )
-    ax.set_xticks(orders)
+    for name, rows in series.items():
+        rows = sorted(rows, key=lambda r: r["order"])
+        ax.errorbar(
+            [r["order"] for r in rows],
+            [r["fid_ref"] for r in rows],
+            yerr=[r["fid_ref_std"] for r in rows],
+            marker="o",
+            capsize=3,
+            label=name,
+        )
+    ax.set_xticks(sorted({r["order"] for r in table}))
     ax.set_xlabel("decomposition order n (0 = VAR)")
     ax.set_ylabel("FID (reference network) ↓")
     ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("FID against decomposition order (dvc exp)", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.set_title("FID against decomposition order (dvc exp; mean ± std over seeds)", fontsize=9)
     _save(fig, path)

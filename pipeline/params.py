@@ -50,7 +50,7 @@ class Params:
                 f"2^(len(channel_multipliers) − 1) = {self.data.resolution / model.downsampling:g}: the last scale "
                 "must be the latent side"
             )
-        if len(model.scales) - order * model.detail_depth < 1:
+        if model.layout == "replace" and len(model.scales) - order * model.detail_depth < 1:
             raise ValueError(
                 f"decompose.order {order} × tokenizer.model.detail_depth {model.detail_depth} leaves no base scale "
                 f"among the {len(model.scales)} tokenizer.model.scales"

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -58,9 +59,13 @@ class TokenizerModelConfig:
     scales: list[int] = Field(
         default_factory=lambda: [1, 2, 3, 4, 5, 6, 8],
         min_length=1,
-        description="VAR's schedule: the side of each of the M token maps, increasing, the last equal to the latent "
-        "side. With decomposition order n the first M − n·detail_depth are the base scales and the rest become "
-        "full-resolution detail maps.",
+        description="The base schedule, VAR's: the side of each base token map, increasing, the last equal to the "
+        "latent side.",
+    )
+    layout: Literal["append", "replace"] = Field(
+        "append",
+        description="append: order n adds n·detail_depth full-resolution detail maps after all the base maps (the "
+        "paper's CART; order 0 is VAR); replace: they replace the last n·detail_depth scales (equal token count).",
     )
     detail_depth: int = Field(1, ge=1, description="Token maps per detail level D_t ((M − B)/n in the paper).")
     phi_convs: int = Field(4, ge=1, description="Number of shared 3×3 φ convolutions (VAR: 4).")
@@ -101,16 +106,21 @@ class TokenMap:
 
 
 class TokenLayout:
-    """The token maps of one image, in generation order, and where each starts in the flat token sequence."""
+    """The token maps of one image, in generation order, and where each starts in the flat token sequence.
 
-    def __init__(self, scales: list[int], order: int, detail_depth: int):
-        base = len(scales) - order * detail_depth
+    ``append`` (the paper's CART): every scale is a base map, VAR's multi-scale quantisation of f_{B_n} ending at
+    the full latent, then order·detail_depth full-resolution detail maps, D_n's first. ``replace``: the last
+    order·detail_depth scales become the detail maps, so every order has VAR's token count.
+    """
+
+    def __init__(self, scales: list[int], order: int, detail_depth: int, mode: Literal["append", "replace"] = "append"):
+        base = len(scales) if mode == "append" else len(scales) - order * detail_depth
         if base < 1:
             raise ValueError(
                 f"{len(scales)} scales leave no base map for order {order} with detail_depth {detail_depth}"
             )
         latent = scales[-1]
-        self.order, self.detail_depth, self.latent_side = order, detail_depth, latent
+        self.order, self.detail_depth, self.latent_side, self.mode = order, detail_depth, latent, mode
         self.maps = [TokenMap(side, 0) for side in scales[:base]]
         for t in range(order, 0, -1):
             self.maps += [TokenMap(latent, t)] * detail_depth
@@ -139,6 +149,15 @@ class TokenLayout:
             self.num_base + (self.order - m.level) for m in self.maps[self.num_base :]
         ]
 
+    def phi_choice(self, count: int) -> list[int]:
+        """The φ convolution of every map. Appended: the base maps choose exactly as VAR over its schedule (so a
+        VAR tokenizer quantises the base as it was trained to) and every detail map takes the full-resolution
+        base map's conv. Replaced: VAR's rule over all maps."""
+        if self.mode == "replace":
+            return phi_choice(count, self.num_maps)
+        base = phi_choice(count, self.num_base)
+        return base + [base[-1]] * (self.num_maps - self.num_base)
+
     def to_json(self) -> dict:
         return {
             "maps": [
@@ -147,8 +166,18 @@ class TokenLayout:
             ],
             "order": self.order,
             "detail_depth": self.detail_depth,
+            "mode": self.mode,
             "num_tokens": self.num_tokens,
         }
+
+    @classmethod
+    def from_json(cls, saved: dict) -> TokenLayout:
+        """The layout ``to_json`` wrote (token manifests, model configs). Files without a mode predate the
+        appended layout: every map's side is listed, so they rebuild as replaced."""
+        sides = [m["h"] for m in saved["maps"]]
+        mode = saved.get("mode", "replace")
+        scales = [m["h"] for m in saved["maps"] if m["kind"] == "base"] if mode == "append" else sides
+        return cls(scales, saved["order"], saved["detail_depth"], mode)
 
 
 def phi_choice(count: int, num_maps: int) -> list[int]:
@@ -168,11 +197,11 @@ def phi_choice(count: int, num_maps: int) -> list[int]:
 class Phi(nn.Module):
     """VAR's residual convolutions: a few 3×3 convs shared across maps, each blended with its input."""
 
-    def __init__(self, channels: int, count: int, ratio: float, num_maps: int):
+    def __init__(self, channels: int, count: int, ratio: float, choice: list[int]):
         super().__init__()
         self.ratio = ratio
         self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(count))
-        self.choice = phi_choice(count, num_maps)
+        self.choice = choice
 
     def forward(self, z_BChw: torch.Tensor, map_index: int) -> torch.Tensor:
         conv = self.convs[self.choice[map_index]]
@@ -222,7 +251,7 @@ class Tokenizer(nn.Module):
     def __init__(self, cfg: TokenizerModelConfig, order: int):
         super().__init__()
         self.cfg, self.order = cfg, order
-        self.layout = TokenLayout(cfg.scales, order, cfg.detail_depth)
+        self.layout = TokenLayout(cfg.scales, order, cfg.detail_depth, cfg.layout)
         args = (
             cfg.channels,
             cfg.channel_multipliers,
@@ -237,7 +266,7 @@ class Tokenizer(nn.Module):
         self.post_quant_conv = nn.Conv2d(C, C, 3, padding=1) if cfg.quant_conv else nn.Identity()
         self.codebook = nn.Embedding(cfg.codebook_size, cfg.latent_channels)
         nn.init.uniform_(self.codebook.weight, -1 / cfg.codebook_size, 1 / cfg.codebook_size)
-        self.phi = Phi(cfg.latent_channels, cfg.phi_convs, cfg.phi_ratio, self.layout.num_maps)
+        self.phi = Phi(cfg.latent_channels, cfg.phi_convs, cfg.phi_ratio, self.layout.phi_choice(cfg.phi_convs))
 
     # -- pixels ↔ latents ------------------------------------------------------------------------------------
 

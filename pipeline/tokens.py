@@ -44,7 +44,7 @@ def split_maps(idx_BL: torch.Tensor, layout: TokenLayout) -> list[torch.Tensor]:
 
 
 def layout_from_manifest(manifest: dict[str, Any]) -> TokenLayout:
-    return TokenLayout(manifest["scales"], manifest["order"], manifest["detail_depth"])
+    return TokenLayout.from_json(manifest["layout"])
 
 
 def decode_token_sample(raw: dict[str, Any]) -> tuple[torch.Tensor, int]:

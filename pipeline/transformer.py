@@ -52,6 +52,12 @@ class TransformerModelConfig:
     init_adaln: float = Field(0.5, ge=0, description="Scale of the initial AdaLN shift/scale weights (VAR: 0.5).")
     init_gate: float = Field(1e-5, ge=0, description="Scale of the initial AdaLN gate weights (VAR: 1e-5).")
     init_head: float = Field(0.02, ge=0, description="Scale of the initial output-head weights (VAR: 0.02).")
+    prediction: Literal["next_map", "next_token"] = Field(
+        "next_map",
+        description="next_map: every token of a map at once, from f̂ of the maps before (VAR, CART); next_token: "
+        "one token at a time in sequence (raster) order, each reading the code vector of the token before it, "
+        "under a token-causal mask (VQGAN-style AR; the paper's Table-3 'AR' row with one full-resolution map).",
+    )
     decay_class_embedding: bool = Field(
         True,
         description="Weight decay on the class embedding, as VAR applies it (position and level embeddings, norms "
@@ -234,7 +240,8 @@ class CART(nn.Module):
         self.level_embed = nn.Embedding(max(level_ids) + 1, C)
         lengths = torch.tensor(layout.lengths)
         self.register_buffer("level_L", torch.repeat_interleave(torch.tensor(level_ids), lengths), persistent=False)
-        self.register_buffer("mask_LL", block_causal_mask(layout.lengths), persistent=False)
+        mask_LL = block_causal_mask(layout.lengths if cfg.prediction == "next_map" else [1] * layout.num_tokens)
+        self.register_buffer("mask_LL", mask_LL, persistent=False)
         # One GEMM yields every block's six AdaLN vectors and the head's two: the class is all they depend on.
         self.ada_lin = nn.Linear(C, (6 * cfg.depth + 2) * C)
         rates = torch.linspace(0, cfg.resolved_drop_path, cfg.depth).tolist()  # VAR's linear stochastic-depth rule
@@ -281,10 +288,15 @@ class CART(nn.Module):
         """Position plus level embedding of tokens start … end − 1: pos_lC."""
         return self.pos_embed.weight[start:end] + self.level_embed(self.level_L[start:end])
 
+    @property
+    def start_length(self) -> int:
+        """Tokens predicted from the class alone: map 0's (next-map), or the first token (next-token)."""
+        return self.layout.lengths[0] if self.cfg.prediction == "next_map" else 1
+
     def start_tokens(self, cond_BC: torch.Tensor) -> torch.Tensor:
-        """Map 0's input: the class embedding at every position of the first map."""
-        L0 = self.layout.lengths[0]
-        return cond_BC[:, None] + (self.start_embed.weight + self.position(0, L0))
+        """The first inputs: the class embedding at every position of the first map (or the first token)."""
+        L0 = self.start_length
+        return cond_BC[:, None] + (self.start_embed.weight[:L0] + self.position(0, L0))
 
     def trunk(
         self,
@@ -304,15 +316,16 @@ class CART(nn.Module):
     def forward(self, label_B: torch.Tensor, x_BlC: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: logits_BLV of every token from the class and the inputs of maps 1 … M−1.
 
-        ``x_BlC`` is ``Tokenizer.teacher_forcing_inputs``; the inputs of maps 1 … m only (any whole-map prefix)
-        give the logits of maps 0 … m, the same as the full sequence would (the mask is block-causal).
+        ``x_BlC`` is ``teacher_forcing_inputs``; the inputs of maps 1 … m only (any whole-map prefix) give the
+        logits of maps 0 … m, the same as the full sequence would (the mask is block-causal). Next-token
+        prediction reads the code vectors of tokens 0 … L−2 and any prefix of them.
         """
         if self.training and self.cfg.class_dropout > 0:
             dropped_B = torch.rand(label_B.shape, device=label_B.device) < self.cfg.class_dropout
             label_B = torch.where(dropped_B, self.unconditional, label_B)
-        L0 = self.layout.lengths[0]
+        L0 = self.start_length
         L = L0 + x_BlC.shape[1]
-        if L not in self.layout.offsets:
+        if self.cfg.prediction == "next_map" and L not in self.layout.offsets:
             raise ValueError(f"{x_BlC.shape[1]} input tokens are not the inputs of whole maps 1 … m")
         cond_BC, mod_B1KC = self.condition(label_B)
         with torch.autocast(x_BlC.device.type, enabled=False):  # embeddings in fp32 whatever the precision, as VAR
@@ -320,8 +333,28 @@ class CART(nn.Module):
         return self.head(self.trunk(x_BLC, mod_B1KC, self.mask_LL[:L, :L]))
 
 
+def forward_flops(model: CART, trunk_rows: int, head_rows: int) -> float:
+    """Forward FLOPs of whole sequences: 2 per weight each token multiplies (not the per-image class and AdaLN
+    weights) plus QKᵀ and AV over the keys each query may see; the head runs on ``head_rows`` of them.
+    Training costs 3× the forward of its batch (forward and twice that backward)."""
+    layout, C, depth = model.layout, model.cfg.resolved_width, model.cfg.depth
+    trunk = sum(p.numel() for m in [*model.blocks, model.input_embed] for p in m.parameters() if p.ndim == 2)
+    visible = int(model.mask_LL.sum())  # query-key pairs the mask lets through
+    per_sequence = 2 * trunk * layout.num_tokens + 4 * C * visible * depth
+    return trunk_rows * per_sequence + head_rows * 2 * model.head.weight.numel() * layout.num_tokens
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sampling
+
+
+def teacher_forcing_inputs(model: CART, tokenizer: Tokenizer, indices: list[torch.Tensor]) -> torch.Tensor:
+    """What ``model`` reads for the token maps ``indices``: f̂ before every map (next-map), or the code vector of
+    every token but the last, in sequence order (next-token)."""
+    if model.cfg.prediction == "next_map":
+        return tokenizer.teacher_forcing_inputs(indices)
+    idx_BL = torch.cat([idx.flatten(1) for idx in indices], dim=1)
+    return tokenizer.codebook.weight.detach()[idx_BL[:, :-1]]
 
 
 def guidance_weight(cfg: SamplingConfig, map_index: int, num_maps: int) -> float:
@@ -375,17 +408,17 @@ def generate(
     cfg = cfg.resolved()
     if generator is None:
         generator = torch.Generator(label_B.device).manual_seed(cfg.seed)
+    if model.cfg.prediction == "next_token":
+        if prefix:
+            raise ValueError("next-token prediction samples whole sequences: a prefix of maps is not supported")
+        return _generate_tokens(model, tokenizer, label_B, cfg, generator, on_map)
     layout, B = model.layout, len(label_B)
     prefix = prefix or []
     expected = [(B, m.side, m.side) for m in layout.maps[: len(prefix)]]
     if len(prefix) > layout.num_maps or [tuple(i.shape) for i in prefix] != expected:
         raise ValueError(f"prefix shapes {[tuple(i.shape) for i in prefix]}: expected the first maps, {expected}")
     guided = cfg.guidance != 1.0
-    if guided:
-        label_B = torch.cat([label_B, torch.full_like(label_B, model.unconditional)])
-    cond_BC, mod_B1KC = model.condition(label_B)
-    caches = [KVCache(layout.num_tokens) for _ in model.blocks]
-    x_BlC = model.start_tokens(cond_BC)
+    mod_B1KC, caches, x_BlC = _start_sampling(model, label_B, guided)
     f_hat_BChw, indices = None, []
     for m, token_map in enumerate(layout.maps):
         h_BlC = model.trunk(x_BlC, mod_B1KC, None, caches)  # a given map still fills the cache
@@ -412,13 +445,55 @@ def generate(
     return indices
 
 
+def _start_sampling(
+    model: CART, label_B: torch.Tensor, guided: bool
+) -> tuple[torch.Tensor, list[KVCache], torch.Tensor]:
+    """AdaLN vectors, empty KV caches and the first inputs; guided, the unconditional rows follow the others."""
+    if guided:
+        label_B = torch.cat([label_B, torch.full_like(label_B, model.unconditional)])
+    cond_BC, mod_B1KC = model.condition(label_B)
+    return mod_B1KC, [KVCache(model.layout.num_tokens) for _ in model.blocks], model.start_tokens(cond_BC)
+
+
+def _generate_tokens(
+    model: CART,
+    tokenizer: Tokenizer,
+    label_B: torch.Tensor,
+    cfg: SamplingConfig,
+    generator: torch.Generator,
+    on_map: Callable[[int, list[torch.Tensor]], None] | None,
+) -> list[torch.Tensor]:
+    """Next-token sampling: one token per step in sequence order, each step reading the code drawn before it."""
+    layout, B = model.layout, len(label_B)
+    guided = cfg.guidance != 1.0
+    mod_B1KC, caches, x_B1C = _start_sampling(model, label_B, guided)
+    map_of_token = [m for m, length in enumerate(layout.lengths) for _ in range(length)]
+    drawn: list[torch.Tensor] = []
+    for i in range(layout.num_tokens):
+        h_B1C = model.trunk(x_B1C, mod_B1KC, None, caches)
+        if guided:
+            cond_B1C, uncond_B1C = h_B1C.chunk(2)
+            h_B1C = torch.lerp(uncond_B1C, cond_B1C, guidance_weight(cfg, map_of_token[i], layout.num_maps))
+        drawn.append(sample_tokens(model.head(h_B1C), cfg, generator))
+        if i + 1 == layout.num_tokens:
+            break
+        z_B1C = tokenizer.codebook.weight.detach()[drawn[-1]]
+        x_B1C = model.input_embed(z_B1C) + model.position(i + 1, i + 2)
+        if guided:
+            x_B1C = x_B1C.repeat(2, 1, 1)
+    idx_BL = torch.cat(drawn, dim=1)
+    indices = [
+        idx_BL[:, start:end].view(B, m.side, m.side)
+        for m, start, end in zip(layout.maps, layout.offsets, layout.offsets[1:], strict=False)
+    ]
+    if on_map is not None:
+        for m in range(layout.num_maps):
+            on_map(m, indices[: m + 1])
+    return indices
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Weights
-
-
-def layout_scales(layout: TokenLayout) -> list[int]:
-    """Scales that rebuild ``layout`` with its order and detail_depth (detail maps count as latent-side scales)."""
-    return [m.side for m in layout.maps]
 
 
 def save_transformer(stem: str | Path, model: CART, extra: dict | None = None) -> None:
@@ -429,7 +504,7 @@ def save_transformer(stem: str | Path, model: CART, extra: dict | None = None) -
         "num_classes": model.num_classes,
         "codebook_size": model.codebook_size,
         "latent_channels": model.latent_channels,
-        "layout": {**layout.to_json(), "scales": layout_scales(layout)},
+        "layout": layout.to_json(),
         **(extra or {}),
     }
     save_weights(stem, model, config)
@@ -438,8 +513,7 @@ def save_transformer(stem: str | Path, model: CART, extra: dict | None = None) -
 def load_transformer(stem: str | Path, device: torch.device | str = "cpu") -> tuple[CART, dict]:
     """The transformer saved at ``stem`` (in eval mode) and its config."""
     config = load_config(stem)
-    saved = config["layout"]
-    layout = TokenLayout(saved["scales"], saved["order"], saved["detail_depth"])
+    layout = TokenLayout.from_json(config["layout"])
     model = CART(
         TransformerModelConfig(**config["model"]),
         layout,

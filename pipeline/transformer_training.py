@@ -24,7 +24,14 @@ from pipeline.progress import Progress
 from pipeline.tokenizer import Tokenizer, TokenLayout, load_tokenizer
 from pipeline.tokens import decode_token_sample, layout_from_manifest, split_maps
 from pipeline.train import Phase, RunPaths, TrainConfig, adamw, decay_groups
-from pipeline.transformer import CART, SamplingConfig, TransformerModelConfig, save_transformer
+from pipeline.transformer import (
+    CART,
+    SamplingConfig,
+    TransformerModelConfig,
+    forward_flops,
+    save_transformer,
+    teacher_forcing_inputs,
+)
 
 
 @section
@@ -82,7 +89,7 @@ class TransformerTask:
         return idx_BL.to(device, non_blocking=True), label_B.to(device, non_blocking=True)
 
     def inputs(self, idx_BL: torch.Tensor) -> torch.Tensor:
-        return self.tokenizer.teacher_forcing_inputs(split_maps(idx_BL, self.model.layout))
+        return teacher_forcing_inputs(self.model, self.tokenizer, split_maps(idx_BL, self.model.layout))
 
     def loss(self, batch, step: int):
         idx_BL, label_B = batch
@@ -172,7 +179,7 @@ def init_transformer_from(model: CART, stem: str | Path) -> InitReport:
             "transformer.init_from",
             [f"{stem}: key 'class_embed.weight' gives width {source_width}, transformer.model gives {width}"],
         )
-    source_layout = TokenLayout(config["layout"]["scales"], config["layout"]["order"], config["layout"]["detail_depth"])
+    source_layout = TokenLayout.from_json(config["layout"])
     shared = _shared_maps(config["layout"], model.layout)
     report = InitReport([], [], [])
     same_layout = shared == model.layout.num_maps == source_layout.num_maps
@@ -274,6 +281,10 @@ def train_transformer(
         "val_loss_per_map_untrained": {n: before[f"loss_{n}"] for n in names},
         "val_acc_per_map": {n: after[f"val/acc_{n}"] for n in names},
         "parameters": sum(p.numel() for p in model.parameters()),
+        # Cost beside quality: what `cart experiments` and `dvc exp show` list next to FID.
+        "tokens": model.layout.num_tokens,
+        "maps": model.layout.num_maps,
+        "train_flops_per_image": 3 * forward_flops(model, 1, 1),
     }
     atomic.write_json(paths.metrics, result)
     return result

@@ -1,4 +1,4 @@
-"""`cart experiments`: the Table-4 ablation from `dvc exp show` (FID against decomposition order), with a plot."""
+"""`cart experiments`: the paper's tables from `dvc exp show` — FID and cost per setting, seeds averaged, a plot."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from typing import Annotated
 
 import typer
 
-from stages.common import console, reports_errors, summary
+from stages.common import ParamsOption, console, reports_errors, summary
 
 
 @reports_errors
 def command(
+    params: ParamsOption = Path("params.yaml"),
     out: Annotated[Path, typer.Option(help="PNG of FID against decomposition order.")] = Path(
         "reports/fid_vs_order.png"
     ),
@@ -24,37 +25,42 @@ def command(
         ),
     ] = 1,
 ) -> None:
-    """Collect every `dvc exp` experiment's `decompose.order` and metrics; print Table 4 and plot FID by order.
+    """Collect every finished `dvc exp` experiment; print one row per setting with FID and cost; plot FID by order.
 
-    Run experiments first, e.g. `dvc exp run -S decompose.order=0` (VAR) … `-S decompose.order=4`, and
-    `-S transformer.train.seed=1` for more seeds: orders with several runs show mean ± std.
+    Runs are averaged (mean ± std) only when every parameter but the seeds is equal; each row names the
+    parameters that set it apart. Run experiments first, e.g. `dvc exp run -S decompose.order=0` (VAR) …
+    `-S decompose.order=4`, and `-S transformer.train.seed=1 -S tokenizer.train.seed=1` for more seeds.
     """
     import dvc.api
+    import yaml
 
-    from pipeline.experiments import by_order, experiment_points, fid_order_figure
+    from pipeline.experiments import experiment_points, fid_order_figure, flatten, group_runs
 
-    rows = dvc.api.exp_show(num=commits)
-    points = experiment_points(rows)
+    names = list(flatten(yaml.safe_load(params.read_text()) or {}))
+    points = experiment_points(dvc.api.exp_show(num=commits), names)
     if not points:
         raise ValueError("no experiment has both decompose.order and fid_ref: run `dvc exp run` (see README)")
-    table = by_order(points)
-
-    def cell(row, key, digits):
-        std = f" ± {row[key + '_std']:.{digits}f}" if row["runs"] > 1 else ""
-        return f"{row[key]:.{digits}f}{std}"
+    table = group_runs(points)
 
     summary(
-        "FID against decomposition order (reference network; 0 = VAR)",
-        [
-            (
-                f"order {order}",
-                f"FID {cell(row, 'fid_ref', 2)}, class consistency {cell(row, 'class_consistency_ref', 3)}, "
-                f"precision {cell(row, 'precision_ref', 3)}, recall {cell(row, 'recall_ref', 3)} "
-                f"({row['runs']} run{'s' if row['runs'] > 1 else ''})",
-            )
-            for order, row in table.items()
-        ],
+        "Quality and cost per setting (reference network; order 0 = VAR)", [(r["label"], _describe(r)) for r in table]
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    fid_order_figure(points, out)
+    fid_order_figure(table, out)
     console.print(f"wrote {out}")
+
+
+def _cell(row: dict, key: str, digits: int) -> str:
+    std = f" ± {row[key + '_std']:.{digits}f}" if row["runs"] > 1 else ""
+    return f"{row[key]:.{digits}f}{std}"
+
+
+def _describe(row: dict) -> str:
+    runs = f"{row['runs']} run{'s' if row['runs'] > 1 else ''}"
+    return (
+        f"FID {_cell(row, 'fid_ref', 2)} (ceiling {_cell(row, 'reconstruction_fid_ref', 2)}), class consistency "
+        f"{_cell(row, 'class_consistency_ref', 3)}, precision {_cell(row, 'precision_ref', 3)}, recall "
+        f"{_cell(row, 'recall_ref', 3)}; {row['tokens']:.0f} tokens in {row['maps']:.0f} maps, "
+        f"{row['train_flops_per_image'] / 1e9:.3f} GFLOP/image to train, {row['sampling_images_per_s']:.1f} "
+        f"images/s sampled ({runs})"
+    )

@@ -45,17 +45,29 @@ def test_evaluate_writes_suffixed_metrics_with_ceiling_floor_and_figures(trained
         assert Path(f"reports/evaluate/{figure}.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_highres_doubles_the_side_and_keeps_the_trained_base(trained):
+def test_highres_doubles_the_side_upsamples_the_sampled_base_and_adds_tile_detail(trained, monkeypatch):
+    import pipeline.highres as highres
+    from pipeline.transformer import generate
+
     model, config = load_transformer("models/transformer/transformer")
     tokenizer, _ = load_tokenizer(config["tokenizer"])
     sampling = load_params(Path("params.yaml")).transformer.sampling
-    result = generate_highres(model, tokenizer, torch.tensor([0, 5]), sampling, scale=2)
+    labels = torch.tensor([0, 5])
+    result = generate_highres(model, tokenizer, labels, sampling, scale=2)
     side = result.plain_N3HW.shape[-1]
     assert result.images_N3HW.shape == (2, 3, 2 * side, 2 * side)
-    # Averaging 2×2 blocks brings the 2× image back near the plain sample: the same base, details added.
-    down = torch.nn.functional.avg_pool2d(result.images_N3HW, 2)
-    other = torch.roll(result.plain_N3HW, 1, dims=0)
-    assert (down - result.plain_N3HW).abs().mean() < (down - other).abs().mean()
+
+    # Without the tiles' detail the 2× image is the decoded bicubic upsampling of the sampled base's latent.
+    def no_tile_detail(model, tokenizer, f_big_BChw, label_B, cfg, scale, generator):
+        zero_NChw = 0 * cut_tiles(f_big_BChw, model.layout.latent_side, scale)
+        return zero_NChw, zero_NChw
+
+    monkeypatch.setattr(highres, "generate_tiles", no_tile_detail)
+    no_detail = generate_highres(model, tokenizer, labels, sampling, scale=2)
+    base = tokenizer.compose(generate(model, tokenizer, labels, sampling), model.layout.num_base)
+    upsampled = torch.nn.functional.interpolate(base, scale_factor=2, mode="bicubic")
+    torch.testing.assert_close(no_detail.images_N3HW, tokenizer.decode(upsampled).clamp(0, 1))
+    assert not torch.allclose(result.images_N3HW, no_detail.images_N3HW)  # the tiles' detail maps add to it
 
 
 def test_tiles_are_batched_tile_major_and_join_back_exactly():

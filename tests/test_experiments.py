@@ -1,37 +1,72 @@
-"""Table 4 from `dvc exp show` rows: orders grouped over seeds, rows without results left out, a plot."""
+"""The tables from `dvc exp show` rows: seeds averaged, different settings never, rows without results left out."""
 
 from __future__ import annotations
 
 import math
 
-from pipeline.experiments import by_order, experiment_points, fid_order_figure
+from pipeline.experiments import experiment_points, fid_order_figure, flatten, group_runs
+
+PARAMS = ["data.source", "decompose.order", "tokenizer.model.layout", "tokenizer.train.seed", "transformer.train.seed"]
+
+
+def run(name, order, fid, source="demo", layout="append", seed=0, **extra):
+    return {
+        "Experiment": name,
+        "data.source": source,
+        "decompose.order": order,
+        "tokenizer.model.layout": layout,
+        "transformer.train.seed": seed,
+        "tokenizer.train.seed": seed,
+        "metrics/eval.json:fid_ref": fid,
+        "tokens": 155 + 64 * order,
+        **extra,
+    }
 
 
 def rows():
     return [
-        {"Experiment": "workspace", "decompose.order": 3, "fid_ref": 10.0, "class_consistency_ref": 0.9},
-        {"Experiment": "var-seed0", "decompose.order": 0, "fid_ref": 14.0, "transformer.train.seed": 0},
-        {"Experiment": "var-seed1", "decompose.order": 0, "metrics/eval.json:fid_ref": 16.0},
-        {"Experiment": "queued", "decompose.order": 1, "fid_ref": "-"},  # not run yet: no point
-        # Still running: dvc shows the metrics files it started from, not its own.
-        {"Experiment": "running", "decompose.order": 2, "fid_ref": 10.0, "State": "Running"},
-        {"Experiment": "main", "decompose.order": 3, "fid_ref": 10.0, "class_consistency_ref": 0.9},  # = workspace
+        run("workspace", 3, 10.0, class_consistency_ref=0.9),
+        run("var-seed0", 0, 14.0),
+        run("var-seed1", 0, 16.0, seed=1),
+        run("cifar", 3, 30.0, source="/data/cifar10"),  # another dataset: never averaged with the demo
+        run("replace", 3, 12.0, layout="replace"),
+        {**run("queued", 1, "-")},  # not run yet: no point
+        {**run("running", 2, 10.0), "State": "Running"},  # dvc shows the metrics it started from
+        run("main", 3, 10.0, class_consistency_ref=0.9),  # the workspace's run again
     ]
 
 
 def test_points_need_a_finished_run_an_order_and_an_fid_and_read_path_qualified_names():
-    points = experiment_points(rows())
+    points = experiment_points(rows(), PARAMS)
     assert [(p["name"], p["order"], p["fid_ref"]) for p in points] == [
         ("workspace", 3, 10.0),
         ("var-seed0", 0, 14.0),
         ("var-seed1", 0, 16.0),
+        ("cifar", 3, 30.0),
+        ("replace", 3, 12.0),
     ]
 
 
-def test_orders_with_several_runs_get_mean_and_spread(tmp_path):
-    table = by_order(experiment_points(rows()))
-    assert list(table) == [0, 3]
-    assert table[0]["runs"] == 2 and table[0]["fid_ref"] == 15.0 and table[0]["fid_ref_std"] == 1.0
-    assert table[3]["fid_ref_std"] == 0.0 and math.isnan(table[0]["class_consistency_ref"])
-    fid_order_figure(experiment_points(rows()), tmp_path / "fig.png")
+def test_only_runs_that_differ_in_seeds_are_averaged_and_rows_name_what_differs(tmp_path):
+    table = group_runs(experiment_points(rows(), PARAMS))
+    by_label = {r["label"]: r for r in table}
+    assert set(by_label) == {
+        "order 0, data.source=demo, tokenizer.model.layout=append",
+        "order 3, data.source=demo, tokenizer.model.layout=append",
+        "order 3, data.source=/data/cifar10, tokenizer.model.layout=append",
+        "order 3, data.source=demo, tokenizer.model.layout=replace",
+    }
+    var = by_label["order 0, data.source=demo, tokenizer.model.layout=append"]
+    assert var["runs"] == 2 and var["fid_ref"] == 15.0 and var["fid_ref_std"] == 1.0
+    assert math.isnan(var["class_consistency_ref"]) and var["tokens"] == 155
+    cifar = by_label["order 3, data.source=/data/cifar10, tokenizer.model.layout=append"]
+    assert cifar["runs"] == 1 and cifar["fid_ref"] == 30.0
+    fid_order_figure(table, tmp_path / "fig.png")
     assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_params_are_named_as_dvc_names_them():
+    assert flatten({"data": {"source": "demo"}, "tokenizer": {"model": {"scales": [1, 2]}}}) == {
+        "data.source": "demo",
+        "tokenizer.model.scales": [1, 2],
+    }

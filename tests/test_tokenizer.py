@@ -37,16 +37,42 @@ def make(order: int, cfg: TokenizerModelConfig = SMALL, seed: int = 0) -> Tokeni
     return model
 
 
-def test_layout_puts_base_scales_first_then_full_resolution_details():
-    layout = TokenLayout([1, 2, 3, 4, 6, 8], order=2, detail_depth=1)
-    assert [(m.side, m.level) for m in layout.maps] == [(1, 0), (2, 0), (3, 0), (4, 0), (8, 2), (8, 1)]
-    assert layout.num_tokens == 1 + 4 + 9 + 16 + 64 + 64
-    assert layout.component_ends() == [4, 5, 6]
-    assert layout.map_level_ids() == [0, 1, 2, 3, 4, 5]
-    var = TokenLayout([1, 2, 3, 4, 6, 8], order=0, detail_depth=1)
-    assert all(m.is_base for m in var.maps) and var.component_ends() == [6]
+DEMO_SCALES = [1, 2, 3, 4, 5, 6, 8]
+
+
+@pytest.mark.parametrize("order", [0, 1, 2, 3, 4])
+def test_appended_layout_is_vars_maps_then_full_resolution_details(order):
+    """The paper's CART: VAR's whole schedule (ending at the 8×8 latent) as the base, then D_n … D_1 at 8×8."""
+    layout = TokenLayout(DEMO_SCALES, order, detail_depth=1)
+    assert [(m.side, m.level) for m in layout.maps] == [(s, 0) for s in DEMO_SCALES] + [
+        (8, t) for t in range(order, 0, -1)
+    ]
+    assert layout.num_tokens == 155 + 64 * order and layout.num_base == 7
+    assert layout.component_ends() == [7 + k for k in range(order + 1)]
+    assert layout.map_level_ids() == list(range(7 + order))
+    assert TokenLayout.from_json(layout.to_json()).maps == layout.maps
+    # The base maps take VAR's φ convs for its 7 maps; detail maps the full-resolution map's.
+    assert layout.phi_choice(4) == [0, 0, 1, 2, 2, 3, 3] + [3] * order
+
+
+@pytest.mark.parametrize("order", [0, 1, 2, 3, 4])
+def test_replaced_layout_keeps_vars_token_count(order):
+    layout = TokenLayout(DEMO_SCALES, order, detail_depth=1, mode="replace")
+    assert [(m.side, m.level) for m in layout.maps] == [(s, 0) for s in DEMO_SCALES[: 7 - order]] + [
+        (8, t) for t in range(order, 0, -1)
+    ]
+    assert layout.num_maps == 7 and layout.num_base == 7 - order
+    assert layout.num_tokens == sum(s * s for s in DEMO_SCALES[: 7 - order]) + 64 * order
+    assert TokenLayout.from_json(layout.to_json()).maps == layout.maps
+    assert layout.phi_choice(4) == [0, 0, 1, 2, 2, 3, 3]
+
+
+def test_layouts_need_a_base_map_and_order_0_is_var_in_both():
+    assert TokenLayout(DEMO_SCALES, 0, 1).maps == TokenLayout(DEMO_SCALES, 0, 1, mode="replace").maps
     with pytest.raises(ValueError, match="no base map"):
-        TokenLayout([1, 2], order=2, detail_depth=1)
+        TokenLayout([1, 2], order=2, detail_depth=1, mode="replace")
+    assert TokenLayout([8], order=3, detail_depth=2).num_maps == 7  # a single full-resolution base map
+    assert TokenLayout([1, 2, 4], order=2, detail_depth=2).lengths == [1, 4, 16, 16, 16, 16, 16]
 
 
 @pytest.mark.parametrize("order", [0, 2])

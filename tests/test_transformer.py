@@ -88,7 +88,7 @@ def test_teacher_forcing_reads_maps_1_to_last_and_predicts_every_token(order):
     if order == 0:  # VAR: every map a base map at its own scale
         assert [(m.side, m.is_base) for m in layout.maps] == [(s, True) for s in TOKENIZER.scales]
     else:
-        assert [(m.side, m.level) for m in layout.maps] == [(1, 0), (2, 0), (3, 0), (4, 1)]
+        assert [(m.side, m.level) for m in layout.maps] == [(1, 0), (2, 0), (3, 0), (4, 0), (4, 1)]
     with pytest.raises(ValueError, match="whole maps"):
         model(torch.tensor([0, 1]), x_BlC[:, :-1])
 
@@ -335,7 +335,7 @@ def test_var_fid_preset_is_vars_recipe():
 
 
 def test_init_from_copies_what_fits_and_the_embeddings_of_the_shared_maps(tmp_path):
-    """An order-0 (VAR) transformer starts an order-2 one: the base maps 1², 2² open both layouts."""
+    """An order-0 (VAR) transformer starts an order-2 one: VAR's maps 1² … 4² open both layouts."""
     from pipeline.transformer_training import init_transformer_from
 
     source = make_model(make_tokenizer(order=0), seed=1)
@@ -351,12 +351,46 @@ def test_init_from_copies_what_fits_and_the_embeddings_of_the_shared_maps(tmp_pa
     by_map = {"pos_embed.weight", "level_embed.weight"}  # copied by map, never whole across layouts
     assert set(report.copied) == {k for k in after if k in theirs and after[k].shape == theirs[k].shape} - by_map
     assert all(torch.equal(after[k], theirs[k]) for k in report.copied) and "ada_lin.weight" in report.copied
-    shared = target.layout.offsets[2]  # the tokens of maps 1², 2²
+    shared = target.layout.offsets[4]  # the tokens of VAR's four maps
     assert torch.equal(after["pos_embed.weight"][:shared], theirs["pos_embed.weight"][:shared])
     assert torch.equal(after["pos_embed.weight"][shared:], before["pos_embed.weight"][shared:])
-    assert torch.equal(after["level_embed.weight"][:2], theirs["level_embed.weight"][:2])
-    assert torch.equal(after["level_embed.weight"][2:], before["level_embed.weight"][2:])
+    assert torch.equal(after["level_embed.weight"][:4], theirs["level_embed.weight"][:4])
+    assert torch.equal(after["level_embed.weight"][4:], before["level_embed.weight"][4:])
     assert len(report.partly) == 2
     narrow = CART(dataclasses.replace(TINY, width=16), make_tokenizer(order=1).layout, NUM_CLASSES, 32, 8)
     with pytest.raises(ValueError, match="width 32, transformer.model gives 16"):
         init_transformer_from(narrow, tmp_path / "var")
+
+
+def test_next_token_prediction_is_token_causal_and_its_cached_sampling_matches_the_full_model():
+    """The Table-3 'AR' row: one full-resolution map, raster order, each token reading the code before it."""
+    from pipeline.transformer import teacher_forcing_inputs
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        tokenizer = Tokenizer(dataclasses.replace(TOKENIZER, scales=[4]), 0).eval()
+        with torch.no_grad():
+            tokenizer.codebook.weight.normal_(0, 0.5)
+        model = make_model(tokenizer, prediction="next_token")
+        indices = random_indices(tokenizer, 3)
+        x_BlC = teacher_forcing_inputs(model, tokenizer, indices)
+        assert x_BlC.shape == (3, 15, TOKENIZER.latent_channels)
+        label_B = torch.tensor([0, 1, 2])
+        logits = model(label_B, x_BlC)
+        changed = x_BlC.clone()
+        changed[:, 6] += 1.0  # the input of token 7, i.e. the code of token 6
+        other = model(label_B, changed)
+        assert torch.equal(logits[:, :7], other[:, :7]) and not torch.allclose(logits[:, 7:], other[:, 7:])
+        torch.testing.assert_close(model(label_B, x_BlC[:, :5]), logits[:, :6])  # any prefix of tokens
+
+        cfg = SamplingConfig(guidance=2.0, top_k=10)
+        cached = generate(model, tokenizer, label_B, cfg, torch.Generator().manual_seed(3))
+        g, drawn = torch.Generator().manual_seed(3), torch.zeros(3, 0, dtype=torch.long)
+        for i in range(16):
+            x = tokenizer.codebook.weight[drawn]  # codes drawn so far (the input of token i + 1 is token i's)
+            both = model(torch.cat([label_B, torch.full_like(label_B, NUM_CLASSES)]), x.repeat(2, 1, 1))[:, i : i + 1]
+            cond, uncond = both.chunk(2)
+            drawn = torch.cat([drawn, sample_tokens(uncond + 2.0 * (cond - uncond), cfg, g)], dim=1)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert cached[0].shape == (3, 4, 4) and torch.equal(cached[0].flatten(1), drawn)

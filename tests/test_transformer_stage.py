@@ -39,7 +39,7 @@ def test_stage_trains_saves_weights_and_val_loss_falls(tokens):
     assert len(metrics["val_loss_per_map"]) == load_transformer("models/transformer/transformer")[0].layout.num_maps
     assert sorted(p.suffix for p in Path("models/transformer").iterdir()) == [".json", ".safetensors"]
     logged = Path("metrics/train_transformer/metrics.json").read_text()
-    assert "loss_m0_base1x1" in logged and "acc_m4_D1_8x8" in logged  # per-map difficulty is visible
+    assert "loss_m0_base1x1" in logged and "acc_m6_D1_8x8" in logged  # per-map difficulty is visible
 
 
 def test_stage_starts_from_init_from_and_prints_what_it_copied(tokens):
