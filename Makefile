@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 repro: install
-	# dvc runs each stage's `cart ...` through the shell: the venv's bin must be on PATH
+	# dvc runs each stage's `python -m stages ...` through the shell: the venv's python must come first on PATH
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: install
