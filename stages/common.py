@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -45,6 +47,18 @@ def load(params_path: Path):
     except ConfigError as err:
         console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
         raise typer.Exit(EXIT_INVALID_PARAMS) from None
+
+
+class _ConsoleLog(logging.Handler):
+    """The library's warnings and notes (``logging`` under ``pipeline``), printed like the stages' own lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "[bold yellow]warning:[/] " if record.levelno >= logging.WARNING else "[dim]note:[/] "
+        console.print(prefix + escape(record.getMessage()), soft_wrap=True)
+
+
+logging.getLogger("pipeline").addHandler(_ConsoleLog())
+logging.getLogger("pipeline").setLevel(logging.INFO)
 
 
 def reports_errors(func: F) -> F:
