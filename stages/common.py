@@ -61,6 +61,32 @@ logging.getLogger("pipeline").addHandler(_ConsoleLog())
 logging.getLogger("pipeline").setLevel(logging.INFO)
 
 
+LOCKS = Path(".cart")
+
+
+def one_run_at_a_time(stage: str) -> Callable[[F], F]:
+    """A second run of ``stage`` in the same workspace stops at start (exit 1) instead of mixing its writes in.
+
+    The lock is ``.cart/<stage>.lock`` in the working directory. Under torchrun only rank 0 takes it: the ranks
+    of one job are one run.
+    """
+
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            from pipeline.atomic import exclusive
+            from pipeline.runtime import dist_from_env
+
+            if not dist_from_env().is_main:
+                return func(*args, **kwargs)
+            with exclusive(LOCKS / f"{stage}.lock", f"cart {stage}"):
+                return func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
 def reports_errors(func: F) -> F:
     """Turn the pipeline's expected failures (bad input, missing upstream output) into a message and exit 1."""
 

@@ -7,12 +7,13 @@ from typing import Annotated
 
 import typer
 
-from stages.common import ParamsOption, console, load, progress, reports_errors, summary
+from stages.common import ParamsOption, console, load, one_run_at_a_time, progress, reports_errors, summary
 
 IN, OUT, REPORTS = Path("data/shards"), Path("data/decomposed"), Path("reports/decompose")
 
 
 @reports_errors
+@one_run_at_a_time("decompose")
 def command(
     params: ParamsOption = Path("params.yaml"),
     inp: Annotated[Path, typer.Option("--in", help="Image shards written by `cart shard`.")] = IN,

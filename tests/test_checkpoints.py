@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from typer.testing import CliRunner
 
 from pipeline.train import resume, save_checkpoint, tidy_checkpoints
 from stages.cli import app
-from tests.faults import checkpoint_steps, kill_when, run_stage
+from tests.faults import checkpoint_steps, kill_when, run_stage, stage_env
 from tests.workspace import write_params
 
 TOKENIZER_WEIGHTS = "models/tokenizer/tokenizer.safetensors"
@@ -182,3 +183,30 @@ def dead_pid() -> int:
     """The pid of a process that has exited."""
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     return int(child.stdout)
+
+
+def test_a_second_run_of_a_stage_stops_at_start_and_a_killed_runs_lock_does_not_block(workspace):
+    lock = workspace / ".cart" / "train-tokenizer.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(lock)], env=stage_env(), stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "held"
+    second = CliRunner().invoke(app, ["train-tokenizer"])
+    assert second.exit_code == 1
+    message = " ".join(second.output.split())
+    assert "cart train-tokenizer is already running in this workspace" in message and f"pid {holder.pid}" in message
+    assert not (workspace / "models" / "checkpoints").exists()
+
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert f"pid {holder.pid}" in lock.read_text()  # the dead run's lock file is still there ...
+    assert CliRunner().invoke(app, ["train-tokenizer"]).exit_code == 0  # ... and does not block
+
+
+HOLD_LOCK = """
+import sys, time
+from pipeline.atomic import exclusive
+with exclusive(sys.argv[1], "holder"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
