@@ -455,11 +455,9 @@ class _Live:
         self.live = None
         if not enabled:
             return
-        from dvclive import Live
-
         if start_step > 0:
             _truncate_history(directory, start_step)
-        self.live = Live(dir=str(directory), resume=start_step > 0, save_dvc_exp=False, dvcyaml=None, report=None)
+        self.live = _files_only_live(directory, resume=start_step > 0)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.live is None:
@@ -472,6 +470,21 @@ class _Live:
     def close(self) -> None:
         if self.live is not None:
             self.live.end()
+
+
+def _files_only_live(directory: Path, resume: bool):
+    """dvclive writing its metric files and nothing else.
+
+    Its Git and DVC integration (experiment names, Studio) is of no use here and is harmful: in a Git repository
+    without a commit it stops with ``SCMError: Empty git repo``, and in one without DVC it runs ``dvc init``.
+    """
+    from dvclive import Live
+
+    class FilesOnly(Live):
+        def _init_dvc(self) -> None:
+            pass
+
+    return FilesOnly(dir=str(directory), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
 
 
 def _truncate_history(directory: Path, start_step: int) -> None:
