@@ -11,15 +11,18 @@ depend on how many epochs were read before (a resumed run reads what an uninterr
 
 from __future__ import annotations
 
+import functools
 import itertools
 import multiprocessing
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+
+from pipeline import shards
 
 
 def _rank() -> tuple[int, int]:
@@ -81,6 +84,11 @@ class _TakeBatches:
         yield from itertools.islice(src, share)
 
 
+def _read_shards(src: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
+    for item in src:
+        yield from shards.read_shard(item["url"])
+
+
 def worker_context() -> multiprocessing.context.BaseContext:
     """How loader workers start: forkserver, with torch and webdataset loaded once in the server.
 
@@ -127,20 +135,20 @@ class ShardLoader:
     def dataset(self, epoch: int) -> wds.DataPipeline:
         stages: list[Any] = [
             _ShardStream(self.urls, self.seed, epoch, self.shuffle, self.resampled),
-            wds.tarfile_to_samples(),
+            _read_shards,
         ]
         if self.shuffle and self.shuffle_buffer > 1:
             stages.append(_BufferShuffle(self.shuffle_buffer, self.seed, epoch))
         stages += [
-            wds.map(self.decode),
+            wds.map(functools.partial(shards.decoded, decode=self.decode)),
             wds.batched(self.batch_size, collation_fn=default_collate, partial=not self.resampled),
         ]
         if self.resampled:
             stages.append(_TakeBatches(self.batches_per_epoch))
         return wds.DataPipeline(*stages)
 
-    def epoch(self, epoch: int) -> Iterable[Any]:
-        return DataLoader(
+    def epoch(self, epoch: int) -> Iterator[Any]:
+        loader = DataLoader(
             self.dataset(epoch),
             batch_size=None,  # batched inside the pipeline, so each worker emits whole batches
             num_workers=self.num_workers,
@@ -150,3 +158,8 @@ class ShardLoader:
             # mid-epoch would consume random numbers at other times than an uninterrupted one.
             generator=torch.Generator().manual_seed(self.seed + epoch),
         )
+        try:
+            yield from loader
+        except shards.ShardError as err:
+            # From a worker it arrives with the worker's traceback as its message: keep the last line, its own.
+            raise shards.ShardError(str(err).rstrip().rpartition("ShardError: ")[2]) from None
