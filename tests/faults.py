@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -58,6 +59,15 @@ def checkpoint_steps(root: Path, since: float = 0.0) -> list[int]:
         except (OSError, ValueError):  # replaced or pruned while we looked
             continue
     return steps
+
+
+def digest(root: Path, outputs: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """sha256 of every file of ``outputs`` (files or directories under ``root``) by path: equal is byte-identical."""
+    files = []
+    for output in outputs:
+        path = root / output
+        files += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def newest_checkpoint(root: Path) -> int:
