@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 from collections.abc import Callable, Iterator
@@ -97,10 +98,27 @@ def reports_errors(func: F) -> F:
         except typer.Exit:
             raise
         except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
-            console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
+            console.print(f"[bold red]error:[/] {_describe(err)}", soft_wrap=True)
             raise typer.Exit(EXIT_FAILED) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _describe(err: Exception) -> str:
+    """The error's message; for a failed system call on a file, the file first, and what to do about a full disk
+    or a path that may not be written."""
+    if not isinstance(err, OSError) or err.filename is None or not err.strerror:
+        return str(err)
+    message = f"{err.filename}: {err.strerror}"
+    if err.errno in _NO_SPACE:
+        message += " (free some space and rerun: finished outputs and checkpoints are kept)"
+    elif err.errno in _NOT_WRITABLE:
+        message += " (make that path writable, or run the stage where it may write, and rerun)"
+    return message
 
 
 class _RateColumn(ProgressColumn):
