@@ -350,7 +350,9 @@ def load_checkpoint(
     they were.
     """
     state = _read_json(path / "state.json")
-    for name, size in (state.get("sizes") or {}).items() if isinstance(state, dict) else ():
+    if not isinstance(state, dict) or not isinstance(state.get("sizes", {}), dict):
+        raise UnusableCheckpoint("state.json does not describe a checkpoint")
+    for name, size in state.get("sizes", {}).items():
         found = (path / name).stat().st_size if (path / name).exists() else None
         if found != size:
             what = "is missing" if found is None else f"has {found} bytes where {size} were written (truncated?)"
@@ -423,8 +425,9 @@ def _check_optimizer_fits(name: str, optimizer: torch.optim.Optimizer, tensors: 
         raise UnusableCheckpoint(f"optimizer {name}: parameter groups of sizes {saved} do not fit this model")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for key, value in tensors.items():
-        prefix, index, slot = key.split(".", 2)
-        if prefix == name and value.ndim > 0 and value.shape != params[int(index)].shape:
+        if not key.startswith(f"{name}.") or value.ndim == 0:  # another optimiser's, or a step count
+            continue
+        if value.shape != params[int(key.split(".", 2)[1])].shape:
             raise UnusableCheckpoint(
                 f"optimizer.safetensors: {key} has shape {tuple(value.shape)}, not that of its parameter"
             )
