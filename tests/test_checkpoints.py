@@ -92,6 +92,14 @@ def test_a_run_prunes_only_its_own_checkpoints_and_its_latest_json_names_one_on_
     assert resume(tmp_path, "experiment-b", modules, optimizers, restore_rng=False) == 300
 
 
+def test_a_run_starting_says_that_other_experiments_checkpoints_are_kept_there(tmp_path, caplog):
+    save_steps(tmp_path, "experiment-a", [400])
+    caplog.set_level(logging.INFO)
+    tidy_checkpoints(tmp_path, "experiment-b")
+    assert "checkpoints of 1 other run(s)" in caplog.text and "they are kept" in caplog.text
+    assert (tmp_path / "experiment-a" / "step-00000400").exists()
+
+
 def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
