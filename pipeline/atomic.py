@@ -124,3 +124,38 @@ class ResumableDir:
         (self.work / ".fingerprint").unlink()
         replace_dir(self.work, self.dst)
         return self.dst
+
+
+class Busy(RuntimeError):
+    """Another process holds the lock: the work it guards is already being done."""
+
+
+@contextlib.contextmanager
+def exclusive(lock: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``lock`` for the block, or raise ``Busy`` saying who holds it.
+
+    An ``flock``: the kernel drops it when its holder exits, however it exits, so the file a killed run leaves
+    behind never blocks the next one. The file keeps the holder's pid, host and start time for the message.
+    """
+    import fcntl
+    import socket
+    import time
+
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "a process"
+            raise Busy(
+                f"{what} is already running in this workspace ({holder}; lock file {lock}): wait for it to end or "
+                "stop it; two runs at once would write over each other's outputs"
+            ) from None
+        os.ftruncate(fd, 0)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {stamp}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)

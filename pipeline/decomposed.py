@@ -30,14 +30,16 @@ def decode_training_sample(raw: dict[str, Any]) -> tuple[torch.Tensor, torch.Ten
     return image, bases, int(raw["cls"])
 
 
-def _images(samples: list[dict[str, Any]]) -> torch.Tensor:
-    rgb = np.stack([shards.decode_png(s["png"]) for s in samples])
-    return torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255
+def _image_sample(raw: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """The image of a ``data/shards`` sample and the fields its decomposed sample copies."""
+    return shards.decode_png(raw["png"]), {name: raw[name] for name in ("__key__", "png", "cls", "json")}
 
 
-def decompose_shard(samples: list[dict[str, Any]], cfg: DecomposeConfig) -> tuple[list[dict[str, Any]], dict]:
+def decompose_shard(raw: list[dict[str, Any]], cfg: DecomposeConfig) -> tuple[list[dict[str, Any]], dict]:
     """Decompose the images of one shard; return the output samples and per-level sums for the manifest."""
-    images = _images(samples)
+    decoded = [shards.decoded(sample, _image_sample) for sample in raw]
+    images = torch.from_numpy(np.stack([rgb for rgb, _ in decoded])).permute(0, 3, 1, 2).float() / 255
+    samples = [fields for _, fields in decoded]
     try:
         result = decompose(images, cfg)
     except DecompositionError as err:
@@ -120,8 +122,8 @@ def decompose_splits(
 
 
 def split_shards(directory: Path) -> list[str]:
-    """The shards of a split that may be empty (val with val_fraction 0)."""
-    return sorted(str(p) for p in Path(directory).glob("shard-*.tar"))
+    """The shards of a split that may be empty (val with val_fraction 0), each checked complete."""
+    return [shards.complete(str(p)) for p in sorted(Path(directory).glob("shard-*.tar"))]
 
 
 def first_samples(split_dir: str | Path, count: int) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -129,5 +131,5 @@ def first_samples(split_dir: str | Path, count: int) -> Iterator[tuple[str, torc
     for i, raw in enumerate(shards.read_samples(split_shards(split_dir))):
         if i >= count:
             return
-        image, bases, _ = decode_training_sample(raw)
+        image, bases, _ = shards.decoded(raw, decode_training_sample)
         yield raw["__key__"], image, bases

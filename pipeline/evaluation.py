@@ -47,6 +47,7 @@ class EvaluatePaths:
     evaluator: Path  # stem of the reference classifier
     metrics: Path  # metrics/eval.json
     reports: Path  # reports/evaluate
+    speed: Path  # metrics/sampling_speed.json: wall-clock figures, apart so that eval.json is reproducible
 
 
 def to_uint8(images_N3HW: torch.Tensor) -> torch.Tensor:
@@ -56,12 +57,12 @@ def to_uint8(images_N3HW: torch.Tensor) -> torch.Tensor:
 def load_val_images(shards_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(img_uint8_N3HW, labels_N) of the val split."""
     from pipeline.evaluator import decode_labelled
-    from pipeline.shards import read_samples
+    from pipeline.shards import decoded, read_samples
 
     urls = split_shards(shards_dir / "val")
     if not urls:
         raise FileNotFoundError(f"{shards_dir / 'val'}: no val shards to compare the samples with")
-    pairs = [decode_labelled(raw) for raw in read_samples(urls)]
+    pairs = [decoded(raw, decode_labelled) for raw in read_samples(urls)]
     return torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
 
 
@@ -77,7 +78,7 @@ def evaluate(cfg: EvaluateConfig, sampling, paths: EvaluatePaths, progress: Prog
         reference_extractor,
     )
     from pipeline.sampling import sample_images
-    from pipeline.shards import read_samples
+    from pipeline.shards import decoded, read_samples
     from pipeline.tokenizer import load_tokenizer
     from pipeline.tokens import decode_token_sample, layout_from_manifest, split_maps
     from pipeline.transformer import load_transformer
@@ -114,7 +115,8 @@ def evaluate(cfg: EvaluateConfig, sampling, paths: EvaluatePaths, progress: Prog
 
     # The ceiling: val images through the tokenizer (their stored tokens, decoded).
     manifest = json.loads((paths.tokens / "manifest.json").read_text())
-    idx_NL = torch.stack([decode_token_sample(raw)[0] for raw in read_samples(split_shards(paths.tokens / "val"))])
+    val_tokens = read_samples(split_shards(paths.tokens / "val"))
+    idx_NL = torch.stack([decoded(raw, decode_token_sample)[0] for raw in val_tokens])
     recon = torch.cat(
         [
             tokenizer.reconstruct(split_maps(idx_NL[i : i + 256].to(device), layout_from_manifest(manifest))).cpu()
@@ -148,8 +150,8 @@ def evaluate(cfg: EvaluateConfig, sampling, paths: EvaluatePaths, progress: Prog
     metrics["val_images"] = len(val_uint8)
     metrics["order"] = model.layout.order
     metrics |= {"tokens": model.layout.num_tokens, "maps": model.layout.num_maps}
-    metrics["sampling_images_per_s"] = sampling_images_per_s
     atomic.write_json(paths.metrics, metrics)
+    atomic.write_json(paths.speed, {"sampling_images_per_s": sampling_images_per_s, "device": str(device)})
     return metrics
 
 

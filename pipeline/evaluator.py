@@ -10,7 +10,6 @@ comparable between runs that use the same reference weights: ``pipeline.metrics`
 from __future__ import annotations
 
 import dataclasses
-import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -211,15 +210,6 @@ def evaluate_classifier(model: ReferenceNet, batches: Iterator) -> dict[str, flo
     return {"accuracy": correct / count, "loss": loss_sum / count}
 
 
-def _count_samples(urls: list[str]) -> int:
-    """Samples in shards, counted from the tar index without decoding anything (one ``.cls`` per sample)."""
-    count = 0
-    for url in urls:
-        with tarfile.open(url) as tar:
-            count += sum(name.endswith(".cls") for name in tar.getnames())
-    return count
-
-
 def train_evaluator(
     cfg: EvaluatorConfig,
     train_shards: list[str],
@@ -238,7 +228,7 @@ def train_evaluator(
     if not train_shards or not val_shards:
         raise FileNotFoundError("the reference classifier needs train and val shards (it is measured on val)")
     train_loader, per_epoch = shard_training_loader(
-        train_shards, decode_labelled, _count_samples(train_shards), cfg.train
+        train_shards, decode_labelled, sum(shards.count_samples(url) for url in train_shards), cfg.train
     )
     val_loader = ShardLoader(val_shards, decode_labelled, batch_size=256, shuffle=False)
     torch.manual_seed(cfg.train.seed)

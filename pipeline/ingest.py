@@ -125,6 +125,7 @@ def build_shards(cfg: DataConfig, out_dir: str | Path, progress: Progress | None
             sizes = shards.write_split(tmp / split, kept(_load_all(items[split], cfg, progress)), cfg.shard_size)
             if not sizes and split == "train":
                 raise SourceError(f"data.source {cfg.source}: no usable image ({len(skipped)} skipped)")
+        _every_class_has_train_images(cfg, classes, counts["train"], skipped)
         manifest = {
             "source": cfg.source,
             "val_source": cfg.val_source,
@@ -144,6 +145,18 @@ def build_shards(cfg: DataConfig, out_dir: str | Path, progress: Progress | None
         }
         atomic.write_json(tmp / "manifest.json", manifest)
     return manifest
+
+
+def _every_class_has_train_images(cfg: DataConfig, classes: list[str], train: Counter, skipped: list[dict]) -> None:
+    """A class whose every file was skipped would still take a class index (and the model a class): stop."""
+    unseen = [name for i, name in enumerate(classes) if not train[i]]
+    if not unseen:
+        return
+    why = [f"{r['source']}: {r['reason']}" for r in skipped if r["source"].split("/")[0] in unseen]
+    raise SourceError(
+        f"data.source {cfg.source}: no usable train image in class folder(s) {', '.join(unseen)} "
+        f"({'; '.join(why[:3])}{' …' if len(why) > 3 else ''}): fix or remove them"
+    )
 
 
 def _skip_record(skipped: Skipped, split: str) -> dict[str, str]:

@@ -11,24 +11,31 @@ depend on how many epochs were read before (a resumed run reads what an uninterr
 
 from __future__ import annotations
 
+import functools
 import itertools
+import multiprocessing
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from pipeline import shards
 
-def _place() -> tuple[int, int, int, int]:
-    """(rank, world_size, worker, num_workers) of the code running now."""
-    rank, world = 0, 1
+
+def _rank() -> tuple[int, int]:
+    """(rank, world_size) of this DDP process; asked in the main process (a forkserver worker has no group)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _worker() -> tuple[int, int]:
+    """(worker, num_workers) of the loader worker running now; (0, 1) in the main process."""
     info = get_worker_info()
-    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-    return rank, world, worker, workers
+    return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
 class _ShardStream(IterableDataset):
@@ -37,9 +44,10 @@ class _ShardStream(IterableDataset):
     def __init__(self, urls: list[str], seed: int, epoch: int, shuffle: bool, resampled: bool):
         super().__init__()
         self.urls, self.seed, self.epoch, self.shuffle, self.resampled = urls, seed, epoch, shuffle, resampled
+        self.rank, self.world = _rank()
 
     def __iter__(self) -> Iterator[dict[str, str]]:
-        rank, world, worker, workers = _place()
+        (rank, world), (worker, workers) = (self.rank, self.world), _worker()
         if self.resampled:
             rng = random.Random(f"{self.seed}/{self.epoch}/{rank}/{worker}")
             while True:
@@ -51,22 +59,48 @@ class _ShardStream(IterableDataset):
             yield {"url": url}
 
 
-def _buffer_shuffle(bufsize: int, seed: int, epoch: int) -> Callable[[Iterator], Iterator]:
-    def stage(src: Iterator) -> Iterator:
-        rank, _, worker, _ = _place()  # seeded lazily: the worker is only known inside the worker process
-        rng = random.Random(f"{seed}/{epoch}/{rank}/{worker}/samples")
-        yield from wds.shuffle(bufsize=bufsize, initial=bufsize, rng=rng)(src)
-
-    return stage
+# Pipeline stages are classes, not closures: loader workers are started by forkserver (or spawn), which pickles
+# the pipeline, and closures do not pickle.
 
 
-def _take_batches(batches_per_rank: int) -> Callable[[Iterator], Iterator]:
-    def stage(src: Iterator) -> Iterator:
-        _, _, worker, workers = _place()
-        share = batches_per_rank // workers + (1 if worker < batches_per_rank % workers else 0)
+class _BufferShuffle:
+    def __init__(self, bufsize: int, seed: int, epoch: int):
+        self.bufsize, self.seed, self.epoch = bufsize, seed, epoch
+        self.rank, _ = _rank()
+
+    def __call__(self, src: Iterator) -> Iterator:
+        worker, _ = _worker()  # seeded lazily: the worker is only known inside the worker process
+        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/samples")
+        yield from wds.shuffle(bufsize=self.bufsize, initial=self.bufsize, rng=rng)(src)
+
+
+class _TakeBatches:
+    def __init__(self, batches_per_rank: int):
+        self.batches_per_rank = batches_per_rank
+
+    def __call__(self, src: Iterator) -> Iterator:
+        worker, workers = _worker()
+        share = self.batches_per_rank // workers + (1 if worker < self.batches_per_rank % workers else 0)
         yield from itertools.islice(src, share)
 
-    return stage
+
+def _read_shards(src: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
+    for item in src:
+        yield from shards.read_shard(item["url"])
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """How loader workers start: forkserver, with torch and webdataset loaded once in the server.
+
+    Not fork: forking a process that runs threads (torch's, OpenCV's) can deadlock the child, and Python 3.12+
+    warns about it on every epoch. The preload makes each worker a cheap fork of that single-threaded server
+    instead of a fresh interpreter importing torch (spawn, the fallback where forkserver does not exist).
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["pipeline.loader", "pipeline.shards"])  # no effect once the server runs
+    return context
 
 
 class ShardLoader:
@@ -101,25 +135,31 @@ class ShardLoader:
     def dataset(self, epoch: int) -> wds.DataPipeline:
         stages: list[Any] = [
             _ShardStream(self.urls, self.seed, epoch, self.shuffle, self.resampled),
-            wds.tarfile_to_samples(),
+            _read_shards,
         ]
         if self.shuffle and self.shuffle_buffer > 1:
-            stages.append(_buffer_shuffle(self.shuffle_buffer, self.seed, epoch))
+            stages.append(_BufferShuffle(self.shuffle_buffer, self.seed, epoch))
         stages += [
-            wds.map(self.decode),
+            wds.map(functools.partial(shards.decoded, decode=self.decode)),
             wds.batched(self.batch_size, collation_fn=default_collate, partial=not self.resampled),
         ]
         if self.resampled:
-            stages.append(_take_batches(self.batches_per_epoch))
+            stages.append(_TakeBatches(self.batches_per_epoch))
         return wds.DataPipeline(*stages)
 
-    def epoch(self, epoch: int) -> Iterable[Any]:
-        return DataLoader(
+    def epoch(self, epoch: int) -> Iterator[Any]:
+        loader = DataLoader(
             self.dataset(epoch),
             batch_size=None,  # batched inside the pipeline, so each worker emits whole batches
             num_workers=self.num_workers,
             persistent_workers=False,
+            multiprocessing_context=worker_context() if self.num_workers else None,
             # Its own generator: creating an iterator must not draw from the global RNG, or a run resumed
             # mid-epoch would consume random numbers at other times than an uninterrupted one.
             generator=torch.Generator().manual_seed(self.seed + epoch),
         )
+        try:
+            yield from loader
+        except shards.ShardError as err:
+            # From a worker it arrives with the worker's traceback as its message: keep the last line, its own.
+            raise shards.ShardError(str(err).rstrip().rpartition("ShardError: ")[2]) from None

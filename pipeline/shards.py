@@ -13,15 +13,18 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
 
 SHARD_PATTERN = "shard-{:06d}.tar"
+
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,13 +135,53 @@ def write_split(directory: str | Path, samples: Iterable[dict[str, Any] | bytes]
 # Reading
 
 
+class ShardError(ValueError):
+    """A shard that cannot be read, or a sample in it that cannot be decoded; the message names the file."""
+
+
+# What decoding a damaged field raises: numpy, OpenCV, JSON, int() and a missing field, not programming errors.
+_UNDECODABLE = (ValueError, KeyError, IndexError, EOFError, OSError, SyntaxError, cv2.error)
+
+_END_OF_ARCHIVE = bytes(2 * tarfile.BLOCKSIZE)
+
+
+def complete(url: str) -> str:
+    """``url``, once its shard is checked to end with tar's end-of-archive marker (a cheap check at listing time).
+
+    A shard cut short at a member boundary reads as a shorter, valid archive: without a check its last samples
+    would be lost without a word.
+    """
+    try:
+        with open(url, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - len(_END_OF_ARCHIVE)))
+            ending = f.read()
+    except OSError as err:
+        raise ShardError(f"{url}: unreadable shard ({err.strerror or err})") from None
+    if size % tarfile.BLOCKSIZE or ending != _END_OF_ARCHIVE:
+        raise ShardError(f"{url}: truncated shard ({size} bytes, no end-of-archive marker){_RERUN}")
+    return url
+
+
+_RERUN = ": rerun the stage that wrote it"
+
+
 def list_shards(directory: str | Path) -> list[str]:
-    """Sorted shard paths of a split; an empty or missing split is an error naming the directory."""
+    """Sorted shard paths of a split, each checked complete; an empty or missing split is an error naming it."""
     directory = Path(directory)
     urls = sorted(str(p) for p in directory.glob("shard-*.tar"))
     if not urls:
         raise FileNotFoundError(f"no shards (shard-*.tar) in {directory}: run the stage that writes it first")
-    return urls
+    return [complete(url) for url in urls]
+
+
+def count_samples(url: str) -> int:
+    """Samples in a shard, counted from the tar index without decoding anything (one ``.cls`` per sample)."""
+    try:
+        with tarfile.open(url) as tar:
+            return sum(name.endswith(".cls") for name in tar.getnames())
+    except (tarfile.TarError, OSError) as err:
+        raise ShardError(f"{url}: unreadable shard ({err}){_RERUN}") from None
 
 
 def read_samples(urls: Iterable[str]) -> Iterator[dict[str, Any]]:
@@ -148,9 +191,42 @@ def read_samples(urls: Iterable[str]) -> Iterator[dict[str, Any]]:
 
 
 def read_shard(url: str) -> Iterator[dict[str, Any]]:
-    import webdataset as wds  # imports torch: kept out of the image-encoding workers, which never read shards
+    """The samples of one shard in order, as WebDataset groups them: ``__key__``, ``__url__`` and raw fields.
 
+    Stricter than ``tarfile``, which ends an archive quietly at a damaged header, or at zeros where a header
+    should be, and so loses the rest: a shard that is not a whole tar file is a ``ShardError`` naming it.
+    """
+    sample: dict[str, Any] = {}
     try:
-        yield from wds.tarfile_samples([{"url": url}])
-    except (tarfile.TarError, OSError, ValueError) as err:
-        raise ValueError(f"{url}: unreadable shard ({err})") from err
+        with open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar:
+                head, slash, base = member.name.rpartition("/")
+                stem, _, field = base.partition(".")  # a WebDataset key ends at the first dot of the name
+                key = head + slash + stem
+                if sample and sample["__key__"] != key:
+                    yield sample
+                    sample = {}
+                sample = sample or {"__key__": key, "__url__": url}
+                if not member.isfile() or field in sample:
+                    raise ShardError(f"{url}: {member.name} is not the next field of a sample{_RERUN}")
+                sample[field] = tar.extractfile(member).read()
+            stop, size = tar.offset, os.fstat(f.fileno()).st_size
+            f.seek(stop)
+            tail = f.read(2 * tarfile.RECORDSIZE + 1)
+    except (tarfile.TarError, OSError) as err:
+        raise ShardError(f"{url}: unreadable shard ({err}){_RERUN}") from None
+    # tar pads its end with zeros (two blocks at least, to a whole record at most): anything else means
+    # reading stopped at a damaged header.
+    if not len(_END_OF_ARCHIVE) <= len(tail) <= 2 * tarfile.RECORDSIZE or tail.strip(b"\0"):
+        raise ShardError(f"{url}: damaged shard (its tar headers stop at byte {stop} of {size}){_RERUN}")
+    if sample:
+        yield sample
+
+
+def decoded(raw: dict[str, Any], decode: Callable[[dict[str, Any]], T]) -> T:
+    """``decode(raw)``; a field that is missing or does not decode is a ``ShardError`` naming shard and sample."""
+    try:
+        return decode(raw)
+    except _UNDECODABLE as err:
+        where = f"{raw.get('__url__', 'a shard')}: sample {raw.get('__key__')}"
+        raise ShardError(f"{where} cannot be decoded ({type(err).__name__}: {err})") from err

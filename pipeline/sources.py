@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,11 @@ DEMO_PHOTOGRAPHS = (
 )
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".jp2", ".pbm", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+# Why a file of an ImageFolder tree is not read, by extension (recorded in the manifest).
+_NOT_READ = {
+    ".gif": "GIF is not read (an animation is no single image): convert it to PNG to use it",
+    "": "not an image file extension",
+}
 
 
 @section
@@ -182,6 +188,13 @@ def image_folder_items(
     """Class names, the items of each split, and files skipped without reading (not an image extension)."""
     root = Path(cfg.source)
     classes, files, skipped = _scan_tree(root, label="data.source")
+    present = {cls for _, cls in files}
+    empty = [name for cls, name in enumerate(classes) if cls not in present]
+    if empty:
+        raise SourceError(
+            f"data.source {root}: class folder(s) without an image file: {', '.join(empty)}. Every sub-folder is a "
+            "class and would still take a class index: add images to it or remove it"
+        )
     if cfg.val_source is None:
         train, val = _stratified_split(files, len(classes), cfg.val_fraction, cfg.seed)
         items = {"train": _to_items(train, root, prefix=""), "val": _to_items(val, root, prefix="")}
@@ -214,13 +227,20 @@ def _scan_tree(root: Path, label: str) -> tuple[list[str], list[tuple[Path, int]
     skipped: list[Skipped] = []
     for cls, name in enumerate(classes):
         for path in sorted((root / name).rglob("*")):
-            if not path.is_file() or any(part.startswith(".") for part in path.relative_to(root).parts):
+            rel = str(path.relative_to(root))
+            if any(part.startswith(".") for part in Path(rel).parts):
                 continue
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
+            if path.is_symlink() and not path.exists():  # also a link in a loop
+                reason = f"broken symbolic link (to {os.readlink(path)}, which cannot be reached)"
+                skipped.append(Skipped(Item(key="", cls=cls, source=rel), reason))
+            elif not path.is_file():
+                continue
+            elif path.suffix.lower() in IMAGE_EXTENSIONS:
                 files.append((path, cls))
             else:
-                rel = str(path.relative_to(root))
-                skipped.append(Skipped(Item(key="", cls=cls, source=rel), "not an image file extension"))
+                skipped.append(
+                    Skipped(Item(key="", cls=cls, source=rel), _NOT_READ.get(path.suffix.lower(), _NOT_READ[""]))
+                )
     if not files:
         raise SourceError(f"{label}: {root} contains no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return classes, files, skipped

@@ -58,7 +58,7 @@ def tokenize_shard(samples: list[dict[str, Any]], tokenizer: Tokenizer, batch_si
     out = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        decoded = [decode_training_sample(raw) for raw in chunk]
+        decoded = [shards.decoded(raw, decode_training_sample) for raw in chunk]
         image = torch.stack([d[0] for d in decoded]).to(device)
         bases = torch.stack([d[1] for d in decoded]).to(device)
         idx_BL = flatten_maps(tokenizer.tokenize(image, bases)).cpu().numpy().astype(np.int16)

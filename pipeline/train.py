@@ -12,7 +12,9 @@ experiment never resumes from a stale one.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -24,6 +26,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -144,7 +147,14 @@ def autocast_context(cfg: TrainConfig, device: torch.device):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints: safetensors + JSON
+# Checkpoints: safetensors + JSON, in one directory per run: root/<fingerprint>/step-XXXXXXXX
+#
+# A run is identified by its fingerprint (parameters and inputs). Runs of other experiments live in sibling
+# directories, so nothing one run does (resuming, pruning) reads or deletes another's checkpoints.
+
+log = logging.getLogger(__name__)
+
+_TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
 
 
 def _optimizer_tensors(name: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -182,20 +192,29 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"python": [version, list(internal), gauss], "numpy": numpy_state}
 
 
-def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    torch.set_rng_state(tensors["torch"])
-    if torch.cuda.is_available():
-        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
+def _rng_setter(tensors: dict[str, torch.Tensor], meta: dict) -> Callable[[], None]:
+    """Parse a saved RNG state into the function that sets it; a malformed one raises here, having set nothing."""
+    torch_state = tensors["torch"]
+    torch.Generator().set_state(torch_state)
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
     version, internal, gauss = meta["python"]
-    random.setstate((version, tuple(internal), gauss))
+    python_state = (version, tuple(internal), gauss)
+    random.Random().setstate(python_state)
     numpy_state = dict(meta["numpy"])
     numpy_state["state"] = {
         "key": np.array(numpy_state["state"]["key"], dtype=np.uint32),
         "pos": numpy_state["state"]["pos"],
     }
-    np.random.set_state(numpy_state)
+    np.random.RandomState().set_state(numpy_state)
+
+    def set_rng() -> None:
+        torch.set_rng_state(torch_state)
+        if torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+    return set_rng
 
 
 def state_dict_tensors(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -211,15 +230,19 @@ def load_state_dict_tensors(modules: dict[str, nn.Module], tensors: dict[str, to
 
 
 def save_checkpoint(
-    directory: Path,
+    root: Path,
     step: int,
     fingerprint: str,
     modules: dict[str, nn.Module],
     optimizers: dict[str, torch.optim.Optimizer],
     keep: int,
 ) -> Path:
-    """Write ``directory/step-XXXXXXXX`` atomically and point ``latest.json`` at it; prune old ones."""
-    target = directory / f"step-{step:08d}"
+    """Write ``root/<fingerprint>/step-XXXXXXXX`` atomically, point the run's ``latest.json`` at it, prune the run.
+
+    Only this run's older checkpoints are pruned (to ``keep``): those of other fingerprints are other experiments'.
+    """
+    run = root / fingerprint
+    target = run / f"step-{step:08d}"
     optim_tensors, optim_meta = {}, {}
     for name, optimizer in optimizers.items():
         tensors, meta = _optimizer_tensors(name, optimizer)
@@ -230,38 +253,188 @@ def save_checkpoint(
         save_file(state_dict_tensors(modules), str(tmp / "model.safetensors"))
         save_file(optim_tensors or {"_empty": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        atomic.write_json(
-            tmp / "state.json", {"step": step, "fingerprint": fingerprint, "optimizers": optim_meta, "rng": rng_meta}
-        )
-    atomic.write_json(directory / "latest.json", {"step": step, "path": target.name, "fingerprint": fingerprint})
-    for old in sorted(directory.glob("step-*"))[:-keep]:
+        sizes = {}
+        for name in _TENSOR_FILES:  # on disk before the rename, so that a power cut cannot truncate a "complete" one
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+            sizes[name] = (tmp / name).stat().st_size
+        state = {"step": step, "fingerprint": fingerprint, "sizes": sizes, "optimizers": optim_meta, "rng": rng_meta}
+        atomic.write_json(tmp / "state.json", state)
+    # The pointer moves once the checkpoint is in place and pruning keeps the newest: it never names a missing one.
+    atomic.write_json(run / "latest.json", {"step": step, "path": target.name, "fingerprint": fingerprint})
+    for old in _checkpoints(run)[:-keep]:
         shutil.rmtree(old)
     return target
 
 
-def latest_checkpoint(directory: Path, fingerprint: str) -> Path | None:
-    """The newest complete checkpoint made by a run with this fingerprint, if any."""
-    pointer = directory / "latest.json"
-    if not pointer.exists():
-        return None
-    latest = json.loads(pointer.read_text())
-    path = directory / latest["path"]
-    if latest["fingerprint"] != fingerprint or not (path / "state.json").exists():
-        return None
-    return path
+def _checkpoints(run: Path) -> list[Path]:
+    """The complete checkpoints of a run directory, oldest first (step numbers are fixed-width: names sort)."""
+    return sorted(run.glob("step-*"))
+
+
+def resume(
+    root: Path,
+    fingerprint: str,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    restore_rng: bool,
+) -> int:
+    """Restore the newest usable checkpoint of the run ``fingerprint``; return its step (0: start from scratch).
+
+    A checkpoint that cannot be used is named in a warning and the one before it is tried; never a crash.
+    """
+    candidates = _checkpoints(root / fingerprint)[::-1]
+    for i, path in enumerate(candidates):
+        try:
+            return load_checkpoint(path, modules, optimizers, restore_rng)
+        except UnusableCheckpoint as err:
+            then = f"trying {candidates[i + 1].name}" if i + 1 < len(candidates) else "training starts from step 0"
+            log.warning("checkpoint %s cannot be used: %s; %s", path, err, then)
+    return 0
+
+
+def tidy_checkpoints(root: Path, fingerprint: str) -> None:
+    """Before a run (main process only): clear what killed runs left, and say which other runs' checkpoints stay.
+
+    Half-written checkpoints (``.step-*.tmp-<pid>``) of dead processes are deleted; a checkpoint moved aside
+    (``.step-*.old-<pid>``) by a replacement that was killed half-way is put back. Checkpoints written before
+    each run had its own directory (``root/step-*``) move into their run's directory.
+    """
+    if not root.is_dir():
+        return
+    for flat in _checkpoints(root):
+        try:
+            owner = json.loads((flat / "state.json").read_text())["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("%s has no readable state.json: not a checkpoint this version can use; left as it is", flat)
+            continue
+        (root / owner).mkdir(exist_ok=True)
+        if (root / owner / flat.name).exists():
+            shutil.rmtree(flat)
+        else:
+            os.replace(flat, root / owner / flat.name)
+    (root / "latest.json").unlink(missing_ok=True)
+    for leftover in (root / fingerprint).glob(".step-*"):
+        name, _, pid = leftover.name[1:].rpartition("-")
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        if name.endswith(".old") and not (leftover.parent / name[: -len(".old")]).exists():
+            os.replace(leftover, leftover.parent / name[: -len(".old")])
+        else:
+            shutil.rmtree(leftover)
+    others = [p for p in root.iterdir() if p.is_dir() and p.name != fingerprint and _checkpoints(p)]
+    if others:
+        size = sum(f.stat().st_size for p in others for f in p.rglob("*") if f.is_file())
+        log.info(
+            "%s also holds the checkpoints of %d other run(s) (other params or inputs, %.1f MB): they are kept for "
+            "those experiments to resume; delete the directories of runs you will not resume",
+            root,
+            len(others),
+            size / 1e6,
+        )
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
 
 
 def load_checkpoint(
     path: Path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer], restore_rng: bool
 ) -> int:
-    state = json.loads((path / "state.json").read_text())
-    load_state_dict_tensors(modules, load_file(str(path / "model.safetensors")))
-    optim_tensors = load_file(str(path / "optimizer.safetensors"))
+    """Restore the checkpoint at ``path`` and return its step.
+
+    Every file is read and checked against the models and optimisers before anything is set: a checkpoint that
+    cannot be used raises ``UnusableCheckpoint`` naming the file and leaves the models, optimisers and RNGs as
+    they were.
+    """
+    state = _read_json(path / "state.json")
+    if not isinstance(state, dict) or not isinstance(state.get("sizes", {}), dict):
+        raise UnusableCheckpoint("state.json does not describe a checkpoint")
+    for name, size in state.get("sizes", {}).items():
+        found = (path / name).stat().st_size if (path / name).exists() else None
+        if found != size:
+            what = "is missing" if found is None else f"has {found} bytes where {size} were written (truncated?)"
+            raise UnusableCheckpoint(f"{name} {what}")
+    model = _read_tensors(path / "model.safetensors")
+    optim_tensors = _read_tensors(path / "optimizer.safetensors")
+    rng_tensors = _read_tensors(path / "rng.safetensors") if restore_rng else {}
+    try:
+        _check_fits(modules, model)
+        for name, optimizer in optimizers.items():
+            _check_optimizer_fits(name, optimizer, optim_tensors, state["optimizers"][name])
+        set_rng = _rng_setter(rng_tensors, state["rng"]) if restore_rng else None
+        step = int(state["step"])
+    except UnusableCheckpoint:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+        raise UnusableCheckpoint(
+            f"state.json does not describe this run's state ({type(err).__name__}: {err})"
+        ) from err
+    # All checked: nothing below can fail half-way.
+    load_state_dict_tensors(modules, model)
     for name, optimizer in optimizers.items():
         _load_optimizer(name, optimizer, optim_tensors, state["optimizers"][name])
-    if restore_rng:
-        _set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
-    return state["step"]
+    if set_rng is not None:
+        set_rng()
+    return step
+
+
+class UnusableCheckpoint(ValueError):
+    """A checkpoint that cannot be restored: a missing, truncated or malformed file, or tensors that do not fit."""
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UnusableCheckpoint(f"{path.name} is missing") from None
+    except (OSError, ValueError) as err:
+        raise UnusableCheckpoint(f"{path.name} is not readable JSON ({err})") from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise UnusableCheckpoint(f"{path.name} is missing")
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise UnusableCheckpoint(f"{path.name} is not a readable safetensors file ({err})") from None
+
+
+def _check_fits(modules: dict[str, nn.Module], tensors: dict[str, torch.Tensor]) -> None:
+    """The saved tensors are exactly the modules' state, shape for shape (else the model changed since)."""
+    expected = {f"{n}.{k}": tuple(v.shape) for n, m in modules.items() for k, v in m.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if found == expected:
+        return
+    missing, extra = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    resized = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+    parts = [
+        f"{label} {', '.join(keys[:3])}{' …' if len(keys) > 3 else ''}"
+        for label, keys in (("missing", missing), ("unexpected", extra), ("other shape", resized))
+        if keys
+    ]
+    raise UnusableCheckpoint(f"model.safetensors does not fit the model ({'; '.join(parts)})")
+
+
+def _check_optimizer_fits(name: str, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    saved = [len(group["params"]) for group in meta["param_groups"]]
+    if saved != [len(group["params"]) for group in optimizer.param_groups]:
+        raise UnusableCheckpoint(f"optimizer {name}: parameter groups of sizes {saved} do not fit this model")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for key, value in tensors.items():
+        if not key.startswith(f"{name}.") or value.ndim == 0:  # another optimiser's, or a step count
+            continue
+        if value.shape != params[int(key.split(".", 2)[1])].shape:
+            raise UnusableCheckpoint(
+                f"optimizer.safetensors: {key} has shape {tuple(value.shape)}, not that of its parameter"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -289,11 +462,9 @@ class _Live:
         self.live = None
         if not enabled:
             return
-        from dvclive import Live
-
         if start_step > 0:
             _truncate_history(directory, start_step)
-        self.live = Live(dir=str(directory), resume=start_step > 0, save_dvc_exp=False, dvcyaml=None, report=None)
+        self.live = _files_only_live(directory, resume=start_step > 0)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.live is None:
@@ -308,16 +479,45 @@ class _Live:
             self.live.end()
 
 
+def _files_only_live(directory: Path, resume: bool):
+    """dvclive writing its metric files and nothing else.
+
+    Its Git and DVC integration (experiment names, Studio) is of no use here and is harmful: in a Git repository
+    without a commit it stops with ``SCMError: Empty git repo``, and in one without DVC it runs ``dvc init``.
+    """
+    from dvclive import Live
+
+    class FilesOnly(Live):
+        def _init_dvc(self) -> None:
+            pass
+
+    return FilesOnly(dir=str(directory), resume=resume, save_dvc_exp=False, dvcyaml=None, report=None)
+
+
 def _truncate_history(directory: Path, start_step: int) -> None:
-    """Drop logged rows at or after ``start_step``: the resumed run logs those steps again."""
+    """Drop logged rows at or after ``start_step``: the resumed run logs those steps again.
+
+    A row cut short by a kill (or a full disk) is dropped too, rather than stopping the resumed run.
+    """
     for tsv in (directory / "plots" / "metrics").rglob("*.tsv"):
         lines = tsv.read_text().splitlines()
         if not lines:
             continue
         header, rows = lines[0], lines[1:]
-        step_col = header.split("\t").index("step")
-        kept = [r for r in rows if int(r.split("\t")[step_col]) < start_step]
+        columns = header.split("\t")
+        step_col = columns.index("step")
+        kept = [r for r in rows if _logged_step(r, len(columns), step_col) < start_step]
         atomic.write_bytes(tsv, ("\n".join([header, *kept]) + "\n").encode())
+
+
+def _logged_step(row: str, width: int, step_col: int) -> float:
+    """The step of a logged row; infinity (dropped) for a row that was not written to its end."""
+    fields = row.split("\t")
+    try:
+        float(fields[-1])
+        return int(fields[step_col]) if len(fields) == width else math.inf
+    except ValueError:
+        return math.inf
 
 
 def train(
@@ -346,12 +546,12 @@ def train(
     phases = task.phases(cfg)
     optimizers = {phase.name: phase.optimizer for phase in phases}
 
-    start_step = 0
-    checkpoint = latest_checkpoint(paths.checkpoints, fingerprint)
-    if checkpoint is not None:
-        start_step = load_checkpoint(checkpoint, modules, optimizers, restore_rng=not dist.enabled)
-        if dist.enabled:  # per-rank RNG streams are not checkpointed: continue them from a fresh, distinct seed
-            torch.manual_seed(cfg.seed + 1_000_003 * start_step + dist.rank)
+    if dist.is_main:
+        tidy_checkpoints(paths.checkpoints, fingerprint)
+    _barrier(dist)
+    start_step = resume(paths.checkpoints, fingerprint, modules, optimizers, restore_rng=not dist.enabled)
+    if start_step and dist.enabled:  # per-rank RNG streams are not checkpointed: continue from a distinct seed
+        torch.manual_seed(cfg.seed + 1_000_003 * start_step + dist.rank)
     live = _Live(paths.live, start_step, enabled=dist.is_main)
     batches = _batches(epoch_batches, batches_per_epoch, start_step)
     progress.start(f"train from step {start_step}", cfg.steps - start_step, unit="steps")

@@ -7,12 +7,13 @@ from typing import Annotated
 
 import typer
 
-from stages.common import ParamsOption, console, load, progress, reports_errors, summary
+from stages.common import ParamsOption, console, load, one_run_at_a_time, progress, reports_errors, summary
 
 IN, OUT, REPORTS = Path("data/shards"), Path("data/decomposed"), Path("reports/decompose")
 
 
 @reports_errors
+@one_run_at_a_time("decompose")
 def command(
     params: ParamsOption = Path("params.yaml"),
     inp: Annotated[Path, typer.Option("--in", help="Image shards written by `cart shard`.")] = IN,
@@ -55,19 +56,21 @@ def command(
 
 
 def _write_previews(val_dir: Path, reports: Path, cfg) -> None:
+    from pipeline.atomic import atomic_dir
     from pipeline.decompose import decompose
     from pipeline.decomposed import first_samples
     from pipeline.figures import decomposition_figure
 
-    reports.mkdir(parents=True, exist_ok=True)  # a DVC output even when empty (order 0: nothing to draw)
-    for old in reports.glob("*.png"):
-        old.unlink()
-    if cfg.order == 0 or cfg.preview_count == 0:
-        return
-    for key, image, _ in first_samples(val_dir, cfg.preview_count):
-        # The edge fields are not stored in the shards: solve the few preview images again to draw them.
-        result = decompose(image[None], cfg)
-        decomposition_figure(image, result.bases_NKCHW[0], result.edges_NKHW[0], reports / f"{key}.png", title=key)
+    # Drawn beside the old previews and swapped in whole, so a failure leaves those; the directory is a DVC
+    # output even when empty (order 0: nothing to draw).
+    with atomic_dir(reports) as drawing:
+        if cfg.order == 0 or cfg.preview_count == 0:
+            return
+        for key, image, _ in first_samples(val_dir, cfg.preview_count):
+            # The edge fields are not stored in the shards: solve the few preview images again to draw them.
+            result = decompose(image[None], cfg)
+            edges = result.edges_NKHW[0]
+            decomposition_figure(image, result.bases_NKCHW[0], edges, drawing / f"{key}.png", title=key)
 
 
 def _preview(image_path: Path, fig: Path, cfg) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.common import ParamsOption, load, progress, reports_errors, summary
+from stages.common import ParamsOption, load, one_run_at_a_time, progress, reports_errors, summary
 
 PATHS = dict(
     shards=Path("data/shards"),
@@ -13,11 +13,13 @@ PATHS = dict(
     transformer=Path("models/transformer/transformer"),
     evaluator=Path("models/evaluator/evaluator"),
     metrics=Path("metrics/eval.json"),
+    speed=Path("metrics/sampling_speed.json"),
     reports=Path("reports/evaluate"),
 )
 
 
 @reports_errors
+@one_run_at_a_time("evaluate")
 def command(params: ParamsOption = Path("params.yaml")) -> None:
     """Sample `evaluate.samples_per_class` images per class and compare them with the val images.
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.common import ParamsOption, load, progress, reports_errors, summary
+from stages.common import ParamsOption, load, one_run_at_a_time, progress, reports_errors, summary
 
 IN, OUT, TOKENIZER = Path("data/decomposed"), Path("data/tokens"), Path("models/tokenizer/tokenizer")
 
 
 @reports_errors
+@one_run_at_a_time("extract-tokens")
 def command(params: ParamsOption = Path("params.yaml")) -> None:
     """Tokenize every decomposed image with the trained tokenizer: `data/tokens/{train,val}` shards.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages.common import ParamsOption, load, progress, reports_errors, summary
+from stages.common import ParamsOption, load, one_run_at_a_time, progress, reports_errors, summary
 
 SHARDS = Path("data/shards")
 MODEL = Path("models/evaluator/evaluator")
@@ -14,6 +14,7 @@ METRICS = Path("metrics/evaluator.json")
 
 
 @reports_errors
+@one_run_at_a_time("train-evaluator")
 def command(params: ParamsOption = Path("params.yaml")) -> None:
     """Train the small reference classifier that stands in for Inception when its weights are not available.
 

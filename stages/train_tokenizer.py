@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.common import ParamsOption, console, load, progress, reports_errors, summary
+from stages.common import ParamsOption, console, load, one_run_at_a_time, progress, reports_errors, summary
 
 PATHS = dict(
     data=Path("data/decomposed"),
@@ -17,6 +17,7 @@ PATHS = dict(
 
 
 @reports_errors
+@one_run_at_a_time("train-tokenizer")
 def command(params: ParamsOption = Path("params.yaml")) -> None:
     """Train the tokenizer (paper §3.2, eq. 6) on the decomposed shards, then measure it on val.
 

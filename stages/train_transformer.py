@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.common import ParamsOption, console, load, progress, reports_errors, summary
+from stages.common import ParamsOption, console, load, one_run_at_a_time, progress, reports_errors, summary
 
 PATHS = dict(
     tokens=Path("data/tokens"),
@@ -17,6 +17,7 @@ PATHS = dict(
 
 
 @reports_errors
+@one_run_at_a_time("train-transformer")
 def command(params: ParamsOption = Path("params.yaml")) -> None:
     """Train the class-conditional, block-causal transformer on the token shards (paper §3.3).
 

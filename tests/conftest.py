@@ -95,3 +95,12 @@ def workspace(tiny_data, tmp_path, monkeypatch) -> Path:
     write_params(tmp_path)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def finished_chain(tmp_path_factory):
+    """Every stage run once, in order and uninterrupted, in one workspace (read-only): see tests/faults.py."""
+    from tests.faults import run_chain
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return run_chain(tmp_path_factory.mktemp("finished"), monkeypatch)

@@ -18,6 +18,9 @@ def main(split_dir: str, out_dir: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     urls = shards.list_shards(split_dir)
+    # By module name, not __main__.value: forkserver workers cannot unpickle the functions of a script's __main__.
+    from ddp_loader_check import value
+
     exact = ShardLoader(urls, value, batch_size=4, num_workers=2, shuffle_buffer=8)
     resampled = ShardLoader(urls, value, batch_size=4, resampled=True, batches_per_epoch=9, num_workers=2)
     resampled_batches = [b.tolist() for b in resampled.epoch(0)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -105,3 +106,16 @@ def test_two_ddp_ranks_together_see_every_sample_once(tmp_path):
     # Resampled mode: both ranks take the same number of steps, and draw different samples.
     assert ranks[0]["resampled_batches"] == ranks[1]["resampled_batches"] == 9
     assert ranks[0]["resampled"] != ranks[1]["resampled"]
+
+
+def parent_pid(raw: dict) -> tuple[int]:
+    return (os.getppid(),)
+
+
+def test_loader_workers_are_not_forked_from_the_training_process(tmp_path):
+    # fork() of a process running torch's threads can deadlock the child; Python 3.12+ warns on every epoch.
+    # A worker started by forkserver (or spawn) is not our child, and everything it runs had to pickle.
+    urls = make_split(tmp_path)
+    loader = ShardLoader(urls, parent_pid, batch_size=5, num_workers=2)
+    parents = {int(pid) for (pids,) in loader.epoch(0) for pid in pids}
+    assert parents and os.getpid() not in parents

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +164,37 @@ def test_interrupted_run_leaves_previous_shards_intact(tmp_path, monkeypatch):
         ingest.build_shards(dataclasses.replace(SMALL_DEMO, seed=9), out)
     assert tree_digest(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["shards"]  # no temporary directory left behind
+
+
+def test_a_broken_symlink_and_a_gif_are_reported_in_the_manifest(tmp_path, salted_tree):
+    from PIL import Image
+
+    root = salted_tree["root"]
+    (root / "cat" / "moved.jpg").symlink_to(root / "cat" / "no-longer-here.jpg")
+    frames = [Image.new("RGB", (40, 40), colour) for colour in ("red", "blue")]
+    frames[0].save(root / "dog" / "blink.gif", save_all=True, append_images=frames[1:], duration=100)
+    cfg = dataclasses.replace(SMALL_DEMO, source=str(root), resolution=16)
+    manifest = ingest.build_shards(cfg, tmp_path / "shards")
+    reasons = {r["source"]: r["reason"] for r in manifest["skipped"]}
+    assert reasons["cat/moved.jpg"].startswith("broken symbolic link")
+    assert reasons["dog/blink.gif"].startswith("GIF is not read")
+    assert manifest["kept"] == len(salted_tree["good"])
+
+
+@pytest.mark.parametrize(
+    ("fill", "message"),
+    [
+        (lambda folder: None, "class folder(s) without an image file: fox"),
+        (lambda folder: (folder / "notes.txt").write_text("to do\n"), "class folder(s) without an image file: fox"),
+        (lambda folder: (folder / "x.png").write_bytes(b"not a png"), "no usable train image in class folder(s) fox"),
+    ],
+    ids=["empty", "no image file", "no readable image"],
+)
+def test_a_class_folder_without_usable_images_stops_the_stage_naming_it(tmp_path, salted_tree, fill, message):
+    # Kept, it would still take a class index: every later class and the model's class count would shift.
+    (salted_tree["root"] / "fox").mkdir()
+    fill(salted_tree["root"] / "fox")
+    cfg = dataclasses.replace(SMALL_DEMO, source=str(salted_tree["root"]), resolution=16)
+    with pytest.raises(SourceError, match=re.escape(message)):
+        ingest.build_shards(cfg, tmp_path / "shards")
+    assert not (tmp_path / "shards").exists()
