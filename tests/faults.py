@@ -157,8 +157,11 @@ def run_stage(workspace: Path, stage: str, timeout: int = 300) -> subprocess.Com
     return done
 
 
-def kill_when(workspace: Path, stage: str, ready: Callable[[], bool], timeout: float = 180) -> None:
-    """Start ``cart <stage>`` and SIGKILL it (the whole process group: loader workers too) once ``ready()`` holds."""
+def kill_when(workspace: Path, stage: str, ready: Callable[[], bool], timeout: float = 180) -> bool:
+    """Start ``cart <stage>`` and SIGKILL it (the whole process group: loader workers too) once ``ready()`` holds.
+
+    True if it was killed; False if it ended first (successfully: a failure fails the test).
+    """
     run = subprocess.Popen(
         cart(stage),
         cwd=workspace,
@@ -173,7 +176,8 @@ def kill_when(workspace: Path, stage: str, ready: Callable[[], bool], timeout: f
     if run.poll() is None:
         os.killpg(run.pid, signal.SIGKILL)
     run.wait()
-    assert run.returncode == -signal.SIGKILL, f"cart {stage} ended (exit {run.returncode}) before it could be killed"
+    assert run.returncode in (0, -signal.SIGKILL), f"cart {stage} failed (exit {run.returncode})"
+    return run.returncode == -signal.SIGKILL
 
 
 def checkpoint_steps(root: Path, since: float = 0.0) -> list[int]:

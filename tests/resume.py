@@ -18,7 +18,8 @@ def assert_killed_run_resumes_to_the_uninterrupted_result(
 
     ``inputs`` are the workspace paths the stage reads (copied for the clean run); ``weights`` its output file.
     """
-    kill_when(workspace, stage, lambda: newest_checkpoint(checkpoints) >= kill_after, timeout=120)
+    killed = kill_when(workspace, stage, lambda: newest_checkpoint(checkpoints) >= kill_after, timeout=120)
+    assert killed, "training finished before it could be killed"
     killed_at = newest_checkpoint(checkpoints)
     assert killed_at >= kill_after
     resumed = run_stage(workspace, stage)

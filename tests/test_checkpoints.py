@@ -38,7 +38,7 @@ def test_an_experiment_killed_after_a_longer_one_resumes_from_its_own_last_check
 
     write_params(workspace, experiment_b)
     started = time.time()
-    kill_when(workspace, "train-tokenizer", lambda: max(checkpoint_steps(root, since=started), default=0) >= 4)
+    assert kill_when(workspace, "train-tokenizer", lambda: max(checkpoint_steps(root, since=started), default=0) >= 4)
     killed_at = max(checkpoint_steps(root, since=started))
     resumed = run_stage(workspace, "train-tokenizer")
     assert f"train from step {killed_at}" in resumed.stderr, resumed.stderr[-2000:]
