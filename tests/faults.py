@@ -41,7 +41,7 @@ STAGES = [
     Stage("decompose", ("data/shards",), ("data/decomposed", "reports/decompose")),
     Stage(
         "train-tokenizer",
-        ("data/decomposed",),
+        ("data/shards", "data/decomposed"),
         ("models/tokenizer", "reports/tokenizer", "metrics/tokenizer.json"),
         "tokenizer",
         "models/checkpoints/tokenizer",
@@ -147,7 +147,11 @@ def cart(stage: str) -> list[str]:
 
 
 def stage_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
+    import torch
+
+    # A stage's numbers depend on its thread count (reduction order): run it with the threads the in-process
+    # reference runs used (tests/conftest.py sets them), whatever OMP_NUM_THREADS the caller exported.
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
 
 def run_stage(workspace: Path, stage: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -203,4 +207,7 @@ def digest(root: Path, outputs: tuple[str, ...] | list[str]) -> dict[str, str]:
 
 def newest_checkpoint(root: Path) -> int:
     """The highest step of the complete checkpoints under a checkpoint root (0 when there is none)."""
-    return max((int(p.name.removeprefix("step-")) for p in root.rglob("step-*") if p.is_dir()), default=0)
+    # The stage renames ``.step-N.tmp-PID`` into place while we look; os.walk skips a directory that vanished
+    # between being listed and being read, where Path.rglob raises FileNotFoundError.
+    steps = [int(d.removeprefix("step-")) for _, dirs, _ in os.walk(root) for d in dirs if d.startswith("step-")]
+    return max(steps, default=0)
