@@ -8,6 +8,7 @@ for Inception-v3 when its weights are on disk); numbers from different networks 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ import torch
 
 from pipeline import atomic
 from pipeline.config import Field, section
+from pipeline.decompose import DecomposeConfig
 from pipeline.decomposed import split_shards
+from pipeline.highres import HighresConfig
 from pipeline.progress import Progress, Silent
 from pipeline.runtime import resolve_device
 
@@ -32,8 +35,17 @@ class EvaluateConfig:
         description="Path of torch-fidelity's Inception-v3 weights (weights-inception-2015-12-05-6726825d.pth). "
         "Null: use torch-fidelity's cache if the file is there; without it only *_ref metrics are computed.",
     )
-    highres_scale: int = Field(2, ge=0, le=4, description="Also generate at this multiple of the resolution (0: skip).")
+    highres_scale: int = Field(
+        2,
+        ge=0,
+        le=4,
+        description="Also generate at this multiple of the resolution and measure it against the real references "
+        "the shard stage stored (data.highres_scale must be the same; 0: skip).",
+    )
     highres_per_class: int = Field(8, ge=1, description="Images per class generated at highres_scale.")
+    highres: HighresConfig = Field(
+        default_factory=HighresConfig, description="How the base is enlarged and the detail tiles joined."
+    )
     figure_per_class: int = Field(8, ge=1, description="Samples per class in the sample grid figure.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when visible.")
 
@@ -45,6 +57,7 @@ class EvaluatePaths:
     tokenizer: Path  # stem
     transformer: Path  # stem
     evaluator: Path  # stem of the reference classifier
+    evaluator_2x: Path  # stem of the reference classifier of the real highres_scale× images
     metrics: Path  # metrics/eval.json
     reports: Path  # reports/evaluate
     speed: Path  # metrics/sampling_speed.json: wall-clock figures, apart so that eval.json is reproducible
@@ -54,22 +67,32 @@ def to_uint8(images_N3HW: torch.Tensor) -> torch.Tensor:
     return (images_N3HW.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
-def load_val_images(shards_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(img_uint8_N3HW, labels_N) of the val split."""
-    from pipeline.evaluator import decode_labelled
+def load_val_images(shards_dir: Path, highres: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(img_uint8_N3HW, labels_N) of the val split; ``highres``: the real 2× references of those that have one."""
+    from pipeline.evaluator import decode_labelled, decode_labelled_highres, has_highres
     from pipeline.shards import decoded, read_samples
 
     urls = split_shards(shards_dir / "val")
     if not urls:
         raise FileNotFoundError(f"{shards_dir / 'val'}: no val shards to compare the samples with")
-    pairs = [decoded(raw, decode_labelled) for raw in read_samples(urls)]
+    decode = decode_labelled_highres if highres else decode_labelled
+    pairs = [decoded(raw, decode) for raw in read_samples(urls) if not highres or has_highres(raw)]
+    if not pairs:
+        return torch.zeros(0, 3, 0, 0, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
     return torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
 
 
-def evaluate(cfg: EvaluateConfig, sampling, paths: EvaluatePaths, progress: Progress | None = None) -> dict[str, Any]:
-    """Measure the trained transformer, its ceiling and its floor; write metrics/eval.json and the figures."""
+def evaluate(
+    cfg: EvaluateConfig,
+    sampling,
+    paths: EvaluatePaths,
+    progress: Progress | None = None,
+    decompose_cfg: DecomposeConfig | None = None,
+) -> dict[str, Any]:
+    """Measure the trained transformer, its ceiling and its floor; write metrics/eval.json and the figures.
+
+    ``decompose_cfg`` (the decompose stage's parameters) decomposes the real 2× val images for the 2× ceiling."""
     from pipeline.evaluator import load_evaluator
-    from pipeline.highres import generate_highres, upsample
     from pipeline.metrics import (
         class_consistency,
         fidelity_metrics,
@@ -134,14 +157,7 @@ def evaluate(cfg: EvaluateConfig, sampling, paths: EvaluatePaths, progress: Prog
     progress.advance()
 
     if cfg.highres_scale > 1:
-        s = cfg.highres_scale
-        hr_labels = torch.arange(len(classes)).repeat_interleave(cfg.highres_per_class).to(device)
-        highres = generate_highres(model, tokenizer, hr_labels, sampling, s)
-        val_up = to_uint8(upsample(val_uint8.float() / 255, s))
-        for name, images in (("highres", highres.images_N3HW), ("highres_bilinear", upsample(highres.plain_N3HW, s))):
-            ref = fidelity_metrics(to_uint8(images), val_up, extractors[0], device)
-            metrics[f"{name}_fid_ref"] = ref["fid_ref"]
-        metrics["highres_scale"] = s
+        metrics |= highres_metrics(model, tokenizer, len(classes), cfg, sampling, paths, decompose_cfg, device)
         progress.advance()
 
     _figures(model, tokenizer, samples, classes, cfg, sampling, paths.reports, device)
@@ -152,6 +168,59 @@ def evaluate(cfg: EvaluateConfig, sampling, paths: EvaluatePaths, progress: Prog
     metrics |= {"tokens": model.layout.num_tokens, "maps": model.layout.num_maps}
     atomic.write_json(paths.metrics, metrics)
     atomic.write_json(paths.speed, {"sampling_images_per_s": sampling_images_per_s, "device": str(device)})
+    return metrics
+
+
+def highres_metrics(
+    model, tokenizer, num_classes: int, cfg: EvaluateConfig, sampling, paths: EvaluatePaths, decompose_cfg, device
+) -> dict[str, float]:
+    """Generation at highres_scale× against the real val images of that size, through the reference network
+    trained at that size: CART's tiles, bilinear and bicubic upsampling of the plain samples, and the tokenizer's
+    own tiled reconstruction of the real images (the ceiling). Names end in ``_<scale>x``."""
+    from pipeline.decompose import decompose
+    from pipeline.evaluator import load_evaluator
+    from pipeline.highres import generate_highres, reconstruct_highres, upsample
+    from pipeline.metrics import PRC_NEIGHBOURS, class_consistency, fidelity_metrics, reference_extractor
+
+    s = cfg.highres_scale
+    val_uint8, _ = load_val_images(paths.shards, highres=True)
+    if len(val_uint8) <= PRC_NEIGHBOURS:
+        raise ValueError(
+            f"{paths.shards / 'val'}: {len(val_uint8)} val images have a real {s}× reference (hr.png), too few to "
+            f"measure generation at {s}× (the shard stage stores them where the source has the pixels): set "
+            "evaluate.highres_scale: 0, or use a source with larger images"
+        )
+    extractor, ref_net = reference_extractor(paths.evaluator_2x), load_evaluator(paths.evaluator_2x, device)
+    labels = torch.arange(num_classes).repeat_interleave(cfg.highres_per_class).to(device)
+    result = generate_highres(model, tokenizer, labels, sampling, s, cfg.highres)
+    real = val_uint8.float().to(device) / 255
+    order = tokenizer.order
+    if order:  # the real 2× images decomposed as the training images were, at the same physical scale
+        base = decompose_cfg or DecomposeConfig()
+        dcfg = dataclasses.replace(base, order=order, pixel_spacing=base.pixel_spacing / s)
+        bases = torch.cat([decompose(real[i : i + 64].cpu(), dcfg).bases_NKCHW for i in range(0, len(real), 64)])
+    else:
+        bases = real.new_zeros(len(real), 0, *real.shape[1:])
+    ceiling = torch.cat(
+        [
+            reconstruct_highres(tokenizer, real[i : i + 64], bases[i : i + 64].to(device), cfg.highres.overlap)
+            for i in range(0, len(real), 64)
+        ]
+    )
+    metrics: dict[str, float] = {"highres_scale": s, f"val_images_{s}x": len(val_uint8)}
+    routes = {
+        "": result.images_N3HW,
+        "bilinear_": upsample(result.plain_N3HW, s, "bilinear"),
+        "bicubic_": upsample(result.plain_N3HW, s, "bicubic"),
+        "reconstruction_": ceiling,
+    }
+    for prefix, images in routes.items():
+        images_uint8 = to_uint8(images)
+        measured = fidelity_metrics(images_uint8, val_uint8, extractor, device)
+        for name in ("fid_ref", "kid_ref", "precision_ref", "recall_ref"):
+            metrics[f"{prefix}{name}_{s}x"] = measured[name]
+        if prefix != "reconstruction_":
+            metrics[f"{prefix}class_consistency_ref_{s}x"] = class_consistency(ref_net, images_uint8, labels.cpu())
     return metrics
 
 
@@ -189,4 +258,4 @@ def _figures(model, tokenizer, samples, classes, cfg: EvaluateConfig, sampling, 
     )
     if cfg.highres_scale > 1:
         labels = torch.arange(min(len(classes), 4))
-        highres_figure(model, tokenizer, labels, sampling, cfg.highres_scale, reports / "highres.png")
+        highres_figure(model, tokenizer, labels, sampling, cfg.highres_scale, reports / "highres.png", cfg.highres)

@@ -155,6 +155,16 @@ def decode_labelled(raw: dict[str, Any]) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(shards.decode_png(raw["png"])).permute(2, 0, 1).contiguous(), int(raw["cls"])
 
 
+def has_highres(raw: dict[str, Any]) -> bool:
+    """Whether a ``data/shards`` sample holds the 2× (highres_scale×) reference ``hr.png``."""
+    return "hr.png" in raw
+
+
+def decode_labelled_highres(raw: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    """(image_uint8_3HW at highres_scale × the resolution, cls) of a sample that has one."""
+    return torch.from_numpy(shards.decode_png(raw["hr.png"])).permute(2, 0, 1).contiguous(), int(raw["cls"])
+
+
 class EvaluatorTask:
     """The reference classifier as the training loop sees it: one phase, cross-entropy on augmented images."""
 
@@ -219,23 +229,30 @@ def train_evaluator(
     out_stem: str | Path,
     paths: RunPaths,
     progress: Progress | None = None,
+    highres_count: int | None = None,
 ) -> dict[str, float]:
-    """Train the reference classifier on labelled shards, save it at ``out_stem``, return its val metrics."""
+    """Train the reference classifier on labelled shards, save it at ``out_stem``, return its val metrics.
+
+    With ``highres_count`` (how many train samples hold a 2× reference) it learns the 2× images (``hr.png``) at
+    ``resolution`` instead: the feature network of the ``*_2x`` metrics, which must see real detail at that size.
+    """
     from pipeline.loader import ShardLoader
     from pipeline.runtime import dist_from_env
     from pipeline.train import shard_training_loader, train
 
     if not train_shards or not val_shards:
         raise FileNotFoundError("the reference classifier needs train and val shards (it is measured on val)")
-    train_loader, per_epoch = shard_training_loader(
-        train_shards, decode_labelled, sum(shards.count_samples(url) for url in train_shards), cfg.train
-    )
-    val_loader = ShardLoader(val_shards, decode_labelled, batch_size=256, shuffle=False)
+    if highres_count is None:
+        decode, select, count = decode_labelled, None, sum(shards.count_samples(url) for url in train_shards)
+    else:
+        decode, select, count = decode_labelled_highres, has_highres, highres_count
+    train_loader, per_epoch = shard_training_loader(train_shards, decode, count, cfg.train, select=select)
+    val_loader = ShardLoader(val_shards, decode, batch_size=256, shuffle=False, select=select)
     torch.manual_seed(cfg.train.seed)
     model = ReferenceNet(cfg.model, num_classes, resolution)
     task = EvaluatorTask(model, cfg, lambda: iter(val_loader.epoch(0)))
     inputs = [(url, Path(url).stat().st_size, Path(url).stat().st_mtime_ns) for url in train_shards + val_shards]
-    fingerprint = atomic.fingerprint(dataclasses.asdict(cfg), num_classes, resolution, inputs)
+    fingerprint = atomic.fingerprint(dataclasses.asdict(cfg), num_classes, resolution, highres_count, inputs)
     metrics = train(
         task, cfg.train, train_loader.epoch, paths, fingerprint, batches_per_epoch=per_epoch, progress=progress
     )

@@ -36,10 +36,11 @@ class _Encoded:
 
     item: Item
     tar_bytes: bytes
+    highres: bool  # holds hr.png
 
 
 def _load_and_encode(item: Item, cfg: DataConfig) -> _Encoded | Skipped:
-    loaded = load_demo_item(item, cfg.resolution) if item.box is not None else load_file_item(item, cfg)
+    loaded = load_demo_item(item, cfg) if item.box is not None else load_file_item(item, cfg)
     if isinstance(loaded, Skipped):
         return loaded
     meta = {"source": item.source, "original_size": list(loaded.original_size)}
@@ -51,7 +52,9 @@ def _load_and_encode(item: Item, cfg: DataConfig) -> _Encoded | Skipped:
         "cls": str(item.cls).encode(),
         "json": shards.encode_json(meta),
     }
-    return _Encoded(item, shards.tar_members(sample))
+    if loaded.rgb_highres is not None:
+        sample["hr.png"] = shards.encode_png(loaded.rgb_highres)
+    return _Encoded(item, shards.tar_members(sample), loaded.rgb_highres is not None)
 
 
 _worker_cfg: DataConfig | None = None
@@ -110,6 +113,7 @@ def build_shards(cfg: DataConfig, out_dir: str | Path, progress: Progress | None
     progress.start("shard: decode, resize, encode", sum(len(v) for v in items.values()), unit="images")
 
     counts: dict[str, Counter] = {split: Counter() for split in SPLITS}
+    highres: Counter = Counter()
     skipped = [_skip_record(s, split="-") for s in skipped_unread]
     with atomic.atomic_dir(out_dir) as tmp:
         for split in SPLITS:
@@ -120,6 +124,7 @@ def build_shards(cfg: DataConfig, out_dir: str | Path, progress: Progress | None
                         skipped.append(_skip_record(result, split))
                     else:
                         counts[split][result.item.cls] += 1
+                        highres[split] += result.highres
                         yield result.tar_bytes
 
             sizes = shards.write_split(tmp / split, kept(_load_all(items[split], cfg, progress)), cfg.shard_size)
@@ -130,12 +135,15 @@ def build_shards(cfg: DataConfig, out_dir: str | Path, progress: Progress | None
             "source": cfg.source,
             "val_source": cfg.val_source,
             "resolution": cfg.resolution,
+            "highres_scale": cfg.highres_scale if cfg.highres_scale > 1 else 0,
             "classes": classes,
             "splits": {
                 split: {
                     "count": sum(counts[split].values()),
                     "shards": len(list((tmp / split).glob("shard-*.tar"))),
                     "per_class": {name: counts[split][i] for i, name in enumerate(classes)},
+                    # images that also have hr.png; the others' sources had fewer pixels than highres_scale needs
+                    "highres_count": highres[split],
                 }
                 for split in SPLITS
             },

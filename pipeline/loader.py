@@ -107,7 +107,8 @@ class ShardLoader:
     """Batches of decoded samples from shards, epoch by epoch (``for batch in loader.epoch(e)``).
 
     ``decode`` maps a raw sample (bytes fields) to what is batched: a tuple of arrays/tensors, collated by
-    ``torch.utils.data.default_collate``. In resampled mode ``batches_per_epoch`` is required and every rank
+    ``torch.utils.data.default_collate``; ``select`` (a module-level function: workers pickle it), if given, keeps
+    only the raw samples it is true for. In resampled mode ``batches_per_epoch`` is required and every rank
     yields exactly that many full batches.
     """
 
@@ -123,6 +124,7 @@ class ShardLoader:
         batches_per_epoch: int | None = None,
         shuffle_buffer: int = 1000,
         num_workers: int = 0,
+        select: Callable[[dict[str, Any]], bool] | None = None,
     ):
         if not urls:
             raise ValueError("ShardLoader needs at least one shard")
@@ -131,12 +133,15 @@ class ShardLoader:
         self.urls, self.decode, self.batch_size = list(urls), decode, batch_size
         self.seed, self.shuffle, self.resampled = seed, shuffle, resampled
         self.batches_per_epoch, self.shuffle_buffer, self.num_workers = batches_per_epoch, shuffle_buffer, num_workers
+        self.select = select
 
     def dataset(self, epoch: int) -> wds.DataPipeline:
         stages: list[Any] = [
             _ShardStream(self.urls, self.seed, epoch, self.shuffle, self.resampled),
             _read_shards,
         ]
+        if self.select is not None:
+            stages.append(wds.select(self.select))
         if self.shuffle and self.shuffle_buffer > 1:
             stages.append(_BufferShuffle(self.shuffle_buffer, self.seed, epoch))
         stages += [

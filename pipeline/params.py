@@ -50,6 +50,11 @@ class Params:
                 f"2^(len(channel_multipliers) − 1) = {self.data.resolution / model.downsampling:g}: the last scale "
                 "must be the latent side"
             )
+        if self.evaluate.highres_scale > 1 and self.evaluate.highres_scale != self.data.highres_scale:
+            raise ValueError(
+                f"evaluate.highres_scale {self.evaluate.highres_scale} needs real references at that scale: set "
+                f"data.highres_scale to {self.evaluate.highres_scale} too (it is {self.data.highres_scale})"
+            )
         if model.layout == "replace" and len(model.scales) - order * model.detail_depth < 1:
             raise ValueError(
                 f"decompose.order {order} × tokenizer.model.detail_depth {model.detail_depth} leaves no base scale "

@@ -54,6 +54,14 @@ class DataConfig:
         "Its class folders must be those of `source`.",
     )
     resolution: int = Field(32, ge=8, le=4096, description="Side of the square images written to the shards (px).")
+    highres_scale: int = Field(
+        2,
+        ge=0,
+        le=8,
+        description="Also store each image at this multiple of the resolution (`hr.png`) when the source has the "
+        "pixels for it (demo crops of at least that side, files whose shorter side allows it; the others are "
+        "counted): the real references of generation above the trained size. 0 or 1: none.",
+    )
     val_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of each class held out for val (ImageFolder source without val_source)."
     )
@@ -115,6 +123,16 @@ class Loaded:
     item: Item
     rgb: np.ndarray  # (resolution, resolution, 3) uint8
     original_size: tuple[int, int]  # (height, width) before resizing
+    rgb_highres: np.ndarray | None = None  # the same region at highres_scale × resolution, from real pixels
+
+
+def highres_of(rgb: np.ndarray, cfg: DataConfig) -> np.ndarray | None:
+    """``rgb`` (the source region) at highres_scale × the resolution, if it has that many pixels: never upsampled,
+    or the 2× reference would reward blur."""
+    side = cfg.highres_scale * cfg.resolution
+    if cfg.highres_scale < 2 or min(rgb.shape[:2]) < side:
+        return None
+    return resize_square(rgb, side)
 
 
 @dataclass(frozen=True)
@@ -171,11 +189,11 @@ def _random_box(rng: np.random.Generator, region, short_side: int, cfg: DataConf
     return (y, x, side)
 
 
-def load_demo_item(item: Item, resolution: int) -> Loaded:
+def load_demo_item(item: Item, cfg: DataConfig) -> Loaded:
     photo = demo_photograph(item.source)
     y, x, side = item.box
     crop = photo[y : y + side, x : x + side]
-    return Loaded(item, resize_square(crop, resolution), (side, side))
+    return Loaded(item, resize_square(crop, cfg.resolution), (side, side), highres_of(crop, cfg))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -290,7 +308,7 @@ def load_file_item(item: Item, cfg: DataConfig) -> Loaded | Skipped:
         return Skipped(item, f"{width}x{height} = {height * width} pixels exceeds data.max_pixels")
     if min(height, width) < cfg.min_side:
         return Skipped(item, f"{width}x{height} is smaller than data.min_side = {cfg.min_side}")
-    return Loaded(item, resize_square(rgb, cfg.resolution), (height, width))
+    return Loaded(item, resize_square(rgb, cfg.resolution), (height, width), highres_of(rgb, cfg))
 
 
 def _header_size(data: bytes) -> tuple[int, int] | None:

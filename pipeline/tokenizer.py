@@ -216,6 +216,7 @@ class Quantized:
     prefixes: list[torch.Tensor]  # f̂ after each component (base, +D_n, …, +D_1), straight-through to its target
     vq_loss: torch.Tensor  # mean over maps of β‖sg(f̂) − f_target‖² + ‖f̂ − sg(f_target)‖²
     residual_sample: torch.Tensor  # (N, C) residual vectors the quantiser saw, from every map: dead-code restarts
+    autoencoded: torch.Tensor | None = None  # ``forward``'s extra images, encoded and decoded unquantised
 
 
 def full_precision(method):
@@ -410,17 +411,26 @@ class Tokenizer(nn.Module):
     # -- training forward ------------------------------------------------------------------------------------
 
     def forward(
-        self, image_B3HW: torch.Tensor, bases_BK3HW: torch.Tensor, beta: float = 0.25, decode: list[int] | None = None
+        self,
+        image_B3HW: torch.Tensor,
+        bases_BK3HW: torch.Tensor,
+        beta: float = 0.25,
+        decode: list[int] | None = None,
+        autoencode: torch.Tensor | None = None,
     ):
         """Encode, quantise (Algorithm 1) and decode component prefixes in one decoder pass.
 
         ``decode`` lists the prefixes to decode (0: ≈ B_n, …, n − 1: ≈ B_1, n: ≈ I; all by default). Returns
-        (decoded_BP3HW, quantized) with decoded[:, j] the image of prefix ``decode[j]``.
+        (decoded_BP3HW, quantized) with decoded[:, j] the image of prefix ``decode[j]``. ``autoencode``: other
+        images (e.g. at another size) also encoded and decoded, unquantised, in ``quantized.autoencoded`` — in the
+        same forward, so that DDP sees one.
         """
         quantized = self.quantize(self.encode_levels(image_B3HW, bases_BK3HW), beta)
         chosen = range(self.order + 1) if decode is None else decode
         prefixes = torch.stack([quantized.prefixes[p] for p in chosen], dim=1)
         decoded = self.decode(prefixes.flatten(0, 1)).unflatten(0, prefixes.shape[:2])
+        if autoencode is not None:
+            quantized.autoencoded = self.decode(self.encode(autoencode))
         return decoded, quantized
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import atomic
-from pipeline.config import Field, section
+from pipeline.config import Field, InvalidInput, section
 from pipeline.convnets import PatchDiscriminator
 from pipeline.progress import Progress
 from pipeline.tokenizer import Tokenizer, TokenizerModelConfig, save_tokenizer
@@ -61,6 +61,14 @@ class TokenizerLossConfig:
         description="Prefixes decoded per step for the prefix term, drawn at random from the n (an unbiased "
         "estimate of the sum that costs one decoder pass each; n or more: all of them, every step).",
     )
+    lambda_highres: float = Field(
+        1.0,
+        ge=0,
+        description="Weight of the autoencoder term on real images at data.highres_scale × the resolution (hr.png), "
+        "so that the decoder is sound at the sizes generation above the trained resolution decodes (0: off).",
+    )
+    highres_batch: int = Field(8, ge=1, description="Real 2× images per step that has the highres term.")
+    highres_every: int = Field(4, ge=1, description="Steps between steps with the highres term.")
     restart_every: int = Field(
         50, ge=0, description="Steps between restarts of dead codes from encoder residuals (0: never)."
     )
@@ -180,10 +188,15 @@ class TokenizerTask:
         eval_images: int,
         perceptual: nn.Module | None = None,
         codes_from_data: bool | None = None,
+        highres_loader: tuple[Any, int] | None = None,
     ):
         self.model, self.cfg = model, cfg
         # An initialised codebook (init_from) is kept: drawing it again from residuals would throw it away.
         self.codes_from_data = cfg.init_codes_from_data if codes_from_data is None else codes_from_data
+        # (ShardLoader of real highres_scale× train images, its batches per epoch), for the multi-scale term.
+        self.highres_loader = highres_loader
+        self._highres_stream: Iterator | None = None
+        self._last_highres_mse: float | None = None
         self.val_batches, self.eval_images = val_batches, eval_images
         self.perceptual = perceptual
         self.disc = PatchDiscriminator(cfg.disc_channels, cfg.disc_layers) if cfg.lambda_gan > 0 else None
@@ -229,7 +242,8 @@ class TokenizerTask:
         image, bases = batch
         n = self.model.order
         chosen = sorted(torch.randperm(n)[: min(self.cfg.prefix_samples, n)].tolist()) if self.cfg.lambda_prefix else []
-        decoded, quantized = self.net(image, bases, self.cfg.beta, chosen + [n])
+        highres = self._highres_batch(step, image.device)
+        decoded, quantized = self.net(image, bases, self.cfg.beta, chosen + [n], autoencode=highres)
         recon = decoded[:, -1]
         rec_loss = F.mse_loss(recon, image)
         logs = {"rec_mse": rec_loss.item(), "psnr": psnr(rec_loss.item()), "vq": quantized.vq_loss.item()}
@@ -238,6 +252,12 @@ class TokenizerTask:
             rec_loss = rec_loss + self.cfg.lambda_perceptual * perceptual
             logs["lpips"] = perceptual.item()
         loss = rec_loss + quantized.vq_loss
+        if highres is not None:
+            highres_loss = F.mse_loss(quantized.autoencoded, highres)
+            loss = loss + self.cfg.lambda_highres * highres_loss
+            self._last_highres_mse = highres_loss.item()
+        if self._last_highres_mse is not None:  # the latest value: logged steps need not be highres steps
+            logs["rec_mse_highres"] = self._last_highres_mse
         if chosen:
             # Prefix p decodes to B_{n−p}; scaled by n / |chosen| so the sampled term estimates the sum over all.
             targets = bases[:, [n - 1 - p for p in chosen]]
@@ -256,6 +276,20 @@ class TokenizerTask:
                 self.usage.add_(torch.bincount(idx.flatten(), minlength=self.usage.numel()))
             self._residuals = quantized.residual_sample
         return loss, logs
+
+    def _highres_batch(self, step: int, device: torch.device) -> torch.Tensor | None:
+        """Real highres_scale× images in [0, 1] on every ``highres_every``-th step (None on the others, or without a
+        source). The n-th such batch is the n-th of the loader's seeded stream whatever step a run resumed at."""
+        if self.highres_loader is None or self.cfg.lambda_highres == 0 or step % self.cfg.highres_every:
+            return None
+        if self._highres_stream is None:
+            from pipeline.train import batches_from
+
+            loader, per_epoch = self.highres_loader
+            done = -(-step // self.cfg.highres_every)  # highres batches the steps before this one drew
+            self._highres_stream = batches_from(loader.epoch, per_epoch, done)
+        image_uint8_B3HW, _ = next(self._highres_stream)
+        return image_uint8_B3HW.to(device, non_blocking=True).float() / 255
 
     def _adaptive_weight(self, rec_loss: torch.Tensor, gan_loss: torch.Tensor) -> torch.Tensor:
         """VQGAN's balance: scale the adversarial term to the reconstruction term's gradient at the last layer."""
@@ -376,6 +410,7 @@ def evaluate_tokenizer(
 @dataclass(frozen=True)
 class TokenizerPaths:
     data: Path  # data/decomposed
+    shards: Path  # data/shards: the real highres_scale× images (hr.png) of the multi-scale term
     models: Path  # models/tokenizer: tokenizer.{safetensors,json}, variants/<name>.*
     checkpoints: Path  # persist: one sub-directory per variant
     live: Path  # persist: dvclive logs, one sub-directory per variant
@@ -434,7 +469,10 @@ def train_tokenizers(
     count = manifest["splits"]["train"]["count"]
     train_loader, per_epoch = shard_training_loader(train_urls, decode_training_sample, count, cfg.train)
     val_loader = ShardLoader(val_urls, decode_training_sample, batch_size=64, shuffle=False)
+    highres = highres_loaders(paths.shards, cfg)
     inputs = atomic.files_fingerprint(paths.data) + init_fingerprint(cfg.init_from)
+    if highres is not None:
+        inputs += atomic.files_fingerprint(paths.shards)
     results: dict[str, dict[str, Any]] = {}
     models: dict[str, Tokenizer] = {}
     for variant in variants(cfg, order):
@@ -450,6 +488,7 @@ def train_tokenizers(
             cfg.eval_images,
             perceptual,
             codes_from_data=cfg.loss.init_codes_from_data and not cfg.init_from,
+            highres_loader=None if highres is None else highres[0],
         )
         run = RunPaths(paths.checkpoints / variant.name, paths.live / variant.name)
         settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("compare", "eval_images")}
@@ -467,10 +506,63 @@ def train_tokenizers(
         stem = paths.models / ("tokenizer" if variant.is_main else f"variants/{variant.name}")
         save_tokenizer(stem, model, resolution)
         results[variant.name] = evaluate_tokenizer(model, iter(val_loader.epoch(0)), cfg.eval_images, perceptual)
+        if highres is not None:
+            results[variant.name]["psnr_highres"] = highres_psnr(model, iter(highres[1].epoch(0)), cfg.eval_images)
         results[variant.name]["order"] = variant.order
         results[variant.name]["maps"] = model.layout.num_maps
     _report(results, models["tokenizer"], val_loader, paths)
     return results
+
+
+def highres_loaders(shards_dir: Path, cfg: TokenizerConfig):
+    """((train loader, batches per epoch), val loader) of the real highres_scale× images in ``data/shards``, or
+    None when the shards hold none or the highres term is off."""
+    from pipeline.evaluator import decode_labelled_highres, has_highres
+    from pipeline.loader import ShardLoader
+    from pipeline.shards import list_shards
+
+    if cfg.loss.lambda_highres == 0:
+        return None
+    manifest_path = shards_dir / "manifest.json"
+    if not manifest_path.is_file():
+        # Training on without the term would give other weights than the params ask for, silently.
+        raise InvalidInput(
+            f"{manifest_path} is missing: tokenizer.loss.lambda_highres > 0 trains on the real high-resolution "
+            "images of data/shards (run `cart shard`, or set tokenizer.loss.lambda_highres: 0)"
+        )
+    manifest = json.loads(manifest_path.read_text())
+    count = manifest["splits"]["train"].get("highres_count", 0)
+    if manifest.get("highres_scale", 0) < 2 or count < cfg.loss.highres_batch:
+        return None
+    per_epoch = count // cfg.loss.highres_batch
+    train = ShardLoader(
+        list_shards(shards_dir / "train"),
+        decode_labelled_highres,
+        batch_size=cfg.loss.highres_batch,
+        seed=cfg.train.seed,
+        resampled=True,
+        batches_per_epoch=per_epoch,
+        shuffle_buffer=cfg.train.shuffle_buffer,
+        select=has_highres,
+    )
+    val_urls = list_shards(shards_dir / "val")
+    val = ShardLoader(val_urls, decode_labelled_highres, batch_size=64, shuffle=False, select=has_highres)
+    return (train, per_epoch), val
+
+
+@torch.no_grad()
+def highres_psnr(model: Tokenizer, batches: Iterator, max_images: int) -> float:
+    """PSNR of real highres_scale× val images through encoder and decoder (unquantised): is the autoencoder sound
+    at the size that generation above the trained resolution decodes?"""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for image_uint8_B3HW, _ in batches:
+        image_B3HW = image_uint8_B3HW.to(device).float() / 255
+        total += F.mse_loss(model.decode(model.encode(image_B3HW)).clamp(0, 1), image_B3HW).item() * len(image_B3HW)
+        count += len(image_B3HW)
+        if count >= max_images:
+            break
+    return psnr(total / max(count, 1))
 
 
 def _lpips_if_available(cfg: TokenizerLossConfig) -> nn.Module | None:

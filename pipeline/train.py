@@ -95,8 +95,11 @@ class RunPaths:
     live: Path  # dvclive's directory (metrics and plots)
 
 
-def shard_training_loader(urls: list[str], decode: Callable, count: int, cfg: TrainConfig):
-    """The loader every training stage reads, and its batches per epoch (``count`` samples in ``urls``).
+def shard_training_loader(
+    urls: list[str], decode: Callable, count: int, cfg: TrainConfig, select: Callable | None = None
+):
+    """The loader every training stage reads, and its batches per epoch (``count`` samples in ``urls``, of those
+    ``select`` keeps when given).
 
     Resampled mode: every DDP rank yields the same number of batches, so ranks never disagree on the step count.
     """
@@ -112,6 +115,7 @@ def shard_training_loader(urls: list[str], decode: Callable, count: int, cfg: Tr
         batches_per_epoch=per_epoch,
         shuffle_buffer=cfg.shuffle_buffer,
         num_workers=cfg.num_workers,
+        select=select,
     )
     return loader, per_epoch
 
@@ -441,7 +445,7 @@ def _check_optimizer_fits(name: str, optimizer: torch.optim.Optimizer, tensors: 
 # The loop
 
 
-def _batches(epoch_batches: Callable[[int], Iterator], batches_per_epoch: int | None, start_step: int) -> Iterator:
+def batches_from(epoch_batches: Callable[[int], Iterator], batches_per_epoch: int | None, start_step: int) -> Iterator:
     """Batches from ``start_step`` on, epoch after epoch: a resumed run reads what the uninterrupted one would."""
     epoch, skip = (start_step // batches_per_epoch, start_step % batches_per_epoch) if batches_per_epoch else (0, 0)
     while True:
@@ -553,7 +557,7 @@ def train(
     if start_step and dist.enabled:  # per-rank RNG streams are not checkpointed: continue from a distinct seed
         torch.manual_seed(cfg.seed + 1_000_003 * start_step + dist.rank)
     live = _Live(paths.live, start_step, enabled=dist.is_main)
-    batches = _batches(epoch_batches, batches_per_epoch, start_step)
+    batches = batches_from(epoch_batches, batches_per_epoch, start_step)
     progress.start(f"train from step {start_step}", cfg.steps - start_step, unit="steps")
     metrics: dict[str, float] = {}
     window_start, window_samples = time.perf_counter(), 0

@@ -12,6 +12,7 @@ PATHS = dict(
     tokenizer=Path("models/tokenizer/tokenizer"),
     transformer=Path("models/transformer/transformer"),
     evaluator=Path("models/evaluator/evaluator"),
+    evaluator_2x=Path("models/evaluator/evaluator_2x"),
     metrics=Path("metrics/eval.json"),
     speed=Path("metrics/sampling_speed.json"),
     reports=Path("reports/evaluate"),
@@ -26,14 +27,15 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
     torch-fidelity computes FID, KID, Inception Score and precision/recall with the reference classifier
     (`*_ref`) and, when its weights are on disk, Inception-v3 (`*_inception`). Also: class consistency, the same
     metrics for the tokenizer's val reconstructions (the ceiling) and an untrained transformer (the floor), and
-    FID of generation at `evaluate.highres_scale`× against bilinear upsampling. Writes `metrics/eval.json` and
-    the figures in `reports/evaluate/`.
+    generation at `evaluate.highres_scale`× (CART's tiles, bilinear and bicubic upsampling, the tokenizer's own
+    2× reconstruction) against the real 2× val images (`*_ref_2x`). Writes `metrics/eval.json` and the figures in
+    `reports/evaluate/`.
     """
     from pipeline.evaluation import EvaluatePaths, evaluate
 
     p = load(params)
     with progress() as bar:
-        m = evaluate(p.evaluate, p.transformer.sampling.resolved(), EvaluatePaths(**PATHS), bar)
+        m = evaluate(p.evaluate, p.transformer.sampling.resolved(), EvaluatePaths(**PATHS), bar, p.decompose)
     rows = []
     for suffix in ("ref", "inception"):
         if f"fid_{suffix}" in m:
@@ -54,11 +56,13 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
             f"chance {m['chance_class_consistency']:.3f})",
         )
     )
-    if "highres_fid_ref" in m:
+    if "highres_scale" in m:
+        s = m["highres_scale"]
         rows.append(
             (
-                f"×{m['highres_scale']} FID (ref)",
-                f"CART {m['highres_fid_ref']:.2f}, bilinear {m['highres_bilinear_fid_ref']:.2f}",
+                f"×{s} FID (ref {s}×, {m[f'val_images_{s}x']} real {s}× val images)",
+                f"CART {m[f'fid_ref_{s}x']:.2f}, bilinear {m[f'bilinear_fid_ref_{s}x']:.2f}, bicubic "
+                f"{m[f'bicubic_fid_ref_{s}x']:.2f} (ceiling {m[f'reconstruction_fid_ref_{s}x']:.2f})",
             )
         )
     summary("evaluate", rows)

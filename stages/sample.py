@@ -86,7 +86,7 @@ def command(
     if scale > 1:
         from pipeline.highres import highres_figure
 
-        highres_figure(model, tok, labels, sampling, scale, out)
+        highres_figure(model, tok, labels, sampling, scale, out, p.evaluate.highres)
         console.print(f"wrote {out} ({len(labels)} samples at {scale}× the trained resolution)")
         return
     samples = sample_images(model, tok, labels, sampling, progressive=progressive)

@@ -9,7 +9,10 @@ from stages.common import ParamsOption, load, one_run_at_a_time, progress, repor
 
 SHARDS = Path("data/shards")
 MODEL = Path("models/evaluator/evaluator")
+MODEL_2X = Path("models/evaluator/evaluator_2x")
 CHECKPOINTS, LIVE = Path("models/checkpoints/evaluator"), Path("metrics/train_evaluator")
+# The 2× network's runs: checkpoints and logs apart from the 1× network's.
+CHECKPOINTS_2X, LIVE_2X = Path("models/checkpoints/evaluator_2x"), Path("metrics/train_evaluator_2x")
 METRICS = Path("metrics/evaluator.json")
 
 
@@ -21,6 +24,8 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
     It learns the classes of the train shards; the evaluate stage uses its penultimate features for FID, KID and
     precision/recall, its logits for the Inception Score and class consistency, and names those metrics `*_ref`.
     Writes `models/evaluator/evaluator.safetensors` + `.json` and its val accuracy to `metrics/evaluator.json`.
+    When the shards hold 2× references (`data.highres_scale`), the same recipe also trains
+    `models/evaluator/evaluator_2x` on them: the network of the `*_2x` metrics of generation above the trained size.
     """
     from pipeline import atomic
     from pipeline.decomposed import split_shards
@@ -31,22 +36,37 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
 
     p = load(params)
     manifest = json.loads((SHARDS / "manifest.json").read_text())
+    scale = manifest.get("highres_scale", 0)
+    train_urls, val_urls, classes = list_shards(SHARDS / "train"), split_shards(SHARDS / "val"), manifest["classes"]
     MODEL.parent.mkdir(parents=True, exist_ok=True)
     with progress() as bar:
         result = train_evaluator(
             p.evaluator,
-            list_shards(SHARDS / "train"),
-            split_shards(SHARDS / "val"),
-            len(manifest["classes"]),
+            train_urls,
+            val_urls,
+            len(classes),
             manifest["resolution"],
             MODEL,
             RunPaths(CHECKPOINTS, LIVE),
             bar,
         )
+        if scale > 1:  # the same recipe on the real 2× images: the feature network of the *_2x metrics
+            hr = train_evaluator(
+                p.evaluator,
+                train_urls,
+                val_urls,
+                len(classes),
+                scale * manifest["resolution"],
+                MODEL_2X,
+                RunPaths(CHECKPOINTS_2X, LIVE_2X),
+                bar,
+                highres_count=manifest["splits"]["train"]["highres_count"],
+            )
+            result |= {f"{k}_{scale}x": v for k, v in hr.items() if k != "chance_accuracy"}
     if not dist_from_env().is_main:
         return
     atomic.write_json(METRICS, result)
-    summary(
-        "train-evaluator (val)",
-        [("accuracy", f"{result['val_accuracy']:.3f} (chance {result['chance_accuracy']:.3f})")],
-    )
+    rows = [("accuracy", f"{result['val_accuracy']:.3f} (chance {result['chance_accuracy']:.3f})")]
+    if scale > 1:
+        rows.append((f"accuracy at {scale}×", f"{result[f'val_accuracy_{scale}x']:.3f}"))
+    summary("train-evaluator (val)", rows)

@@ -8,6 +8,7 @@ from stages.common import ParamsOption, console, load, one_run_at_a_time, progre
 
 PATHS = dict(
     data=Path("data/decomposed"),
+    shards=Path("data/shards"),
     models=Path("models/tokenizer"),
     checkpoints=Path("models/checkpoints/tokenizer"),
     live=Path("metrics/train_tokenizer"),

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.highres import cut_tiles, generate_highres, join_tiles
+from pipeline.highres import cut_tiles, generate_highres, join_tiles, tile_starts
 from pipeline.params import load_params
 from pipeline.tokenizer import load_tokenizer
 from pipeline.transformer import load_transformer
@@ -36,11 +37,16 @@ def test_evaluate_writes_suffixed_metrics_with_ceiling_floor_and_figures(trained
     for prefix in ("", "reconstruction_", "untrained_"):
         for name in ("fid", "kid", "isc", "precision", "recall"):
             assert math.isfinite(metrics[f"{prefix}{name}_ref"])
-    assert not any(key.startswith("fid") and not key.endswith(("_ref", "_inception")) for key in metrics)
+    assert all(re.search(r"_(ref|inception)(_\dx)?$", key) for key in metrics if "fid" in key)  # network named
     assert "fid_inception" not in metrics  # no Inception weights here: never mixed in, never faked
     assert 0 <= metrics["class_consistency_ref"] <= 1
     assert metrics["samples"] == 8 * 4
-    assert math.isfinite(metrics["highres_fid_ref"]) and math.isfinite(metrics["highres_bilinear_fid_ref"])
+    # Generation at 2× against the real 2× val images, through the network trained at 2×; the names say so.
+    for route in ("", "bilinear_", "bicubic_", "reconstruction_"):
+        for name in ("fid", "kid", "precision", "recall"):
+            assert math.isfinite(metrics[f"{route}{name}_ref_2x"])
+    assert 0 < metrics["val_images_2x"] <= metrics["val_images"] and metrics["highres_scale"] == 2
+    assert Path("models/evaluator/evaluator_2x.safetensors").exists()
     for figure in ("samples", "progressive", "generated_decomposition", "highres"):
         assert Path(f"reports/evaluate/{figure}.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -58,8 +64,8 @@ def test_highres_doubles_the_side_upsamples_the_sampled_base_and_adds_tile_detai
     assert result.images_N3HW.shape == (2, 3, 2 * side, 2 * side)
 
     # Without the tiles' detail the 2× image is the decoded bicubic upsampling of the sampled base's latent.
-    def no_tile_detail(model, tokenizer, f_big_BChw, label_B, cfg, scale, generator):
-        zero_NChw = 0 * cut_tiles(f_big_BChw, model.layout.latent_side, scale)
+    def no_tile_detail(model, tokenizer, f_big_BChw, label_B, sampling, cfg, generator):
+        zero_NChw = 0 * cut_tiles(f_big_BChw, model.layout.latent_side, cfg.overlap)
         return zero_NChw, zero_NChw
 
     monkeypatch.setattr(highres, "generate_tiles", no_tile_detail)
@@ -72,12 +78,32 @@ def test_highres_doubles_the_side_upsamples_the_sampled_base_and_adds_tile_detai
 
 def test_tiles_are_batched_tile_major_and_join_back_exactly():
     f_BChw = torch.randn(3, 4, 16, 16)
-    tiles_NChw = cut_tiles(f_BChw, side=8, scale=2)
+    tiles_NChw = cut_tiles(f_BChw, side=8)
     assert tiles_NChw.shape == (12, 4, 8, 8)
     # Row t·B + b is tile t (row-major over the 2×2 grid) of image b.
     assert torch.equal(tiles_NChw[1 * 3 + 2], f_BChw[2, :, :8, 8:])
     assert torch.equal(tiles_NChw[2 * 3 + 0], f_BChw[0, :, 8:, :8])
-    assert torch.equal(join_tiles(tiles_NChw, batch=3, scale=2), f_BChw)
+    assert torch.equal(join_tiles(tiles_NChw, batch=3, size=16), f_BChw)
+
+
+@pytest.mark.parametrize("size, overlap", [(16, 2), (16, 4), (24, 3), (17, 2)])
+def test_overlapping_tiles_blend_exactly_where_they_agree_and_cover_everything(size, overlap):
+    f_BChw = torch.randn(2, 3, size, size)
+    tiles_NChw = cut_tiles(f_BChw, side=8, overlap=overlap)
+    starts = tile_starts(size, 8, overlap)
+    assert (
+        starts[0] == 0
+        and starts[-1] == size - 8
+        and all(b - a <= 8 - overlap for a, b in zip(starts, starts[1:], strict=False))
+    )
+    # Every tile holds the same field where they overlap, so the weighted mean is that field: no seam.
+    torch.testing.assert_close(join_tiles(tiles_NChw, batch=2, size=size, overlap=overlap), f_BChw)
+    # Tiles that disagree meet in a ramp: across a seam the joined field moves gradually from one to the other.
+    ones = torch.ones_like(tiles_NChw)
+    ones[len(f_BChw) :] = 0  # the first tile 1, all others 0
+    joined = join_tiles(ones, batch=2, size=size, overlap=overlap)[0, 0, 0]
+    steps = joined[: starts[1] + 8].diff().abs()
+    assert joined[0] == 1 and steps.max() <= 1 / overlap + 1e-6
 
 
 def test_sample_scale_2_writes_the_comparison_figure(trained):

@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -36,8 +37,42 @@ def test_demo_writes_shards_and_manifest(tmp_path):
     for sample in train + val:
         assert sample["png"].shape == (32, 32, 3) and sample["png"].dtype == np.uint8
         assert "." not in sample["__key__"]
-        assert set(sample) == {"__key__", "png", "cls", "json"}
+        assert set(sample) - {"hr.png"} == {"__key__", "png", "cls", "json"}
         assert sample["json"]["source"] == manifest["classes"][sample["cls"]]
+
+
+def test_the_2x_reference_is_the_same_region_at_twice_the_pixels_never_upsampled(tmp_path):
+    from pipeline.sources import demo_photograph
+
+    manifest = ingest.build_shards(SMALL_DEMO, tmp_path / "shards")
+    samples = samples_of(tmp_path / "shards" / "train") + samples_of(tmp_path / "shards" / "val")
+    with_hr = [s for s in samples if "hr.png" in s]
+    assert manifest["highres_scale"] == 2
+    assert manifest["splits"]["train"]["highres_count"] + manifest["splits"]["val"]["highres_count"] == len(with_hr)
+    assert 0 < len(with_hr) < len(samples)  # crops under 64 px of their photograph have none
+    for sample in samples:
+        y, x, side = sample["json"]["crop_box"]
+        assert ("hr.png" in sample) == (side >= 64)
+        if "hr.png" in sample:
+            hr = sample["hr.png"]
+            assert hr.shape == (64, 64, 3)
+            # Area-averaging 2×2 blocks of the 2× image gives (nearly) the 1× image: the same pixels, twice the
+            # detail; and it is the photograph's own crop, not an upsampling of the 32 px image.
+            down = hr.reshape(32, 2, 32, 2, 3).mean((1, 3))
+            assert np.abs(down - sample["png"].astype(float)).mean() < 3
+            crop = demo_photograph(sample["json"]["source"])[y : y + side, x : x + side]
+            assert np.abs(cv2.resize(crop, (64, 64), interpolation=cv2.INTER_AREA).astype(float) - hr).mean() < 1
+
+
+def test_files_get_a_2x_reference_when_their_shorter_side_allows(salted_tree, tmp_path):
+    cfg = DataConfig(source=str(salted_tree["root"]), resolution=16, val_fraction=0.0, workers=1)
+    manifest = ingest.build_shards(cfg, tmp_path / "shards")
+    samples = samples_of(tmp_path / "shards" / "train")
+    sides = {s["json"]["source"]: min(s["json"]["original_size"]) for s in samples}
+    assert {s["json"]["source"] for s in samples if "hr.png" in s} == {k for k, v in sides.items() if v >= 32}
+    assert manifest["splits"]["train"]["highres_count"] == sum(v >= 32 for v in sides.values())
+    none = ingest.build_shards(DataConfig(**{**cfg.__dict__, "highres_scale": 0}), tmp_path / "plain")
+    assert none["highres_scale"] == 0 and not any("hr.png" in s for s in samples_of(tmp_path / "plain" / "train"))
 
 
 def test_demo_crops_are_not_all_at_one_zoom():

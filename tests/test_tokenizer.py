@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from pipeline.config import InvalidInput
 from pipeline.tokenizer import Tokenizer, TokenizerModelConfig, TokenLayout, load_tokenizer, phi_choice
 from pipeline.tokenizer_training import MissingWeights, TokenizerLossConfig, TokenizerTask, load_lpips
 from pipeline.train import TrainConfig
@@ -161,7 +162,10 @@ def test_teacher_forcing_input_of_each_map_is_the_composition_of_the_maps_before
 
 
 def test_prefix_decodes_get_closer_to_the_image_as_maps_are_added(workspace):
-    """After (short) training, the base maps decode to ≈ B_2, adding detail maps moves the decode towards I."""
+    """After (short) training, more maps decode closer to I, and the base maps alone decode nearer B_2 than I.
+
+    Not claimed here: that the detail maps alone improve the decode. On this 16 px toy after 150 steps the
+    reconstruction error (MSE ≈ 0.035) is ten times ‖I − B_2‖² (≈ 0.0035), so whether the last maps help is noise."""
     from tests.workspace import write_params
 
     write_params(workspace, {"tokenizer": {"train": {"steps": 150, "lr": 3e-3, "checkpoint_every": 1000}}})
@@ -173,14 +177,13 @@ def test_prefix_decodes_get_closer_to_the_image_as_maps_are_added(workspace):
 
     samples = list(first_samples(workspace / "data" / "decomposed" / "val", 32))
     image = torch.stack([s[1] for s in samples])
-    bases = torch.stack([s[2] for s in samples])
-    indices = model.tokenize(image, bases)
+    base = torch.stack([s[2] for s in samples])[:, 1]  # B_2
+    indices = model.tokenize(image, torch.stack([s[2] for s in samples]))
     depth = [F.mse_loss(model.decode_prefix(indices, m), image).item() for m in range(1, model.layout.num_maps + 1)]
     assert depth[-1] < 0.5 * depth[0]
-    ends = model.layout.component_ends()  # base maps, + D_2, + D_1
-    assert depth[ends[-1] - 1] < depth[ends[0] - 1]  # the detail maps take the base decode towards I
-    base_prefix = model.decode_prefix(indices, ends[0])
-    assert F.mse_loss(base_prefix, bases[:, 1]).item() < depth[ends[0] - 1]  # base maps describe B_2 better than I
+    base_maps = model.layout.component_ends()[0]
+    base_decode = model.decode_prefix(indices, base_maps)
+    assert F.mse_loss(base_decode, base) < F.mse_loss(base_decode, image)
 
 
 def test_train_tokenizer_stage_writes_weights_metrics_and_figures(workspace):
@@ -425,3 +428,45 @@ def test_init_from_that_does_not_fit_exits_2_naming_it_and_writes_nothing(worksp
     text = " ".join(result.output.split())
     assert "tokenizer.init_from" in text and expected in text
     assert not (workspace / "models" / "tokenizer").exists()
+
+
+def test_the_highres_term_reads_real_2x_images_on_every_kth_step_and_resumes_in_its_stream(tiny_data):
+    """Multi-scale training: every highres_every-th step also autoencodes real 2× train images (hr.png); a run
+    resumed at any step draws the batch the uninterrupted run would."""
+    from pipeline.tokenizer_training import TokenizerConfig, highres_loaders
+
+    cfg = TokenizerConfig(loss=TokenizerLossConfig(highres_batch=4, highres_every=3))
+    (train, per_epoch), val = highres_loaders(tiny_data / "data" / "shards", cfg)
+
+    def task() -> TokenizerTask:
+        torch.manual_seed(0)
+        return TokenizerTask(Tokenizer(SMALL, 2), cfg.loss, lambda: iter([]), 1, highres_loader=(train, per_epoch))
+
+    straight = task()
+    drawn = {step: straight._highres_batch(step, torch.device("cpu")) for step in range(10)}
+    assert [s for s, b in drawn.items() if b is not None] == [0, 3, 6, 9]
+    assert drawn[0].shape == (4, 3, 32, 32) and 0 <= drawn[0].min() and drawn[0].max() <= 1  # 16 px data, 2×
+    resumed = task()._highres_batch(6, torch.device("cpu"))  # a run resumed at step 6
+    assert torch.equal(resumed, drawn[6]) and not torch.equal(drawn[3], drawn[6])
+    images, _ = next(iter(val.epoch(0)))
+    assert images.shape[-1] == 32
+
+
+def test_the_highres_term_without_the_shards_is_an_error_not_a_silent_change_of_recipe(tmp_path):
+    from pipeline.tokenizer_training import TokenizerConfig, highres_loaders
+
+    with pytest.raises(InvalidInput, match="lambda_highres"):
+        highres_loaders(tmp_path / "data" / "shards", TokenizerConfig())
+    assert highres_loaders(tmp_path, TokenizerConfig(loss=TokenizerLossConfig(lambda_highres=0))) is None
+
+
+def test_train_tokenizer_logs_the_highres_term_and_the_2x_psnr(workspace):
+    from tests.workspace import write_params
+
+    write_params(workspace, {"tokenizer": {"loss": {"highres_every": 2, "highres_batch": 4}}})
+    result = CliRunner().invoke(app, ["train-tokenizer"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((workspace / "metrics" / "tokenizer.json").read_text())
+    assert 5 < metrics["tokenizer"]["psnr_highres"] < 60
+    live = workspace / "metrics" / "train_tokenizer" / "tokenizer" / "plots" / "metrics" / "train"
+    assert (live / "rec_mse_highres.tsv").exists()
