@@ -33,7 +33,7 @@ from torch import nn
 from pipeline import atomic
 from pipeline.config import Field, section
 from pipeline.progress import Progress, Silent
-from pipeline.runtime import Dist, dist_from_env, init_distributed, resolve_device
+from pipeline.runtime import Dist, barrier, dist_from_env, init_distributed, resolve_device
 
 
 @section
@@ -548,7 +548,7 @@ def train(
 
     if dist.is_main:
         tidy_checkpoints(paths.checkpoints, fingerprint)
-    _barrier(dist)
+    barrier(dist)
     start_step = resume(paths.checkpoints, fingerprint, modules, optimizers, restore_rng=not dist.enabled)
     if start_step and dist.enabled:  # per-rank RNG streams are not checkpointed: continue from a distinct seed
         torch.manual_seed(cfg.seed + 1_000_003 * start_step + dist.rank)
@@ -591,7 +591,7 @@ def train(
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             if dist.is_main:
                 save_checkpoint(paths.checkpoints, done, fingerprint, modules, optimizers, cfg.keep_checkpoints)
-            _barrier(dist)
+            barrier(dist)
         progress.advance()
     if start_step >= cfg.steps:  # already finished: evaluate what the checkpoint holds
         metrics = _evaluate(task, dist)
@@ -618,10 +618,5 @@ def _evaluate(task: Task, dist: Dist) -> dict[str, float]:
     if dist.is_main:
         with torch.no_grad():
             metrics = task.evaluate()
-    _barrier(dist)
+    barrier(dist)
     return metrics
-
-
-def _barrier(dist: Dist) -> None:
-    if dist.enabled:
-        torch.distributed.barrier()
