@@ -27,13 +27,16 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
     (`*_ref`) and, when its weights are on disk, Inception-v3 (`*_inception`). Also: class consistency, the same
     metrics for the tokenizer's val reconstructions (the ceiling) and an untrained transformer (the floor), and
     FID of generation at `evaluate.highres_scale`× against bilinear upsampling. Writes `metrics/eval.json` and
-    the figures in `reports/evaluate/`.
+    the figures in `reports/evaluate/`. Under `torchrun --nproc_per_node=N` the sampling is shared by the processes
+    (one GPU each); the numbers are those of one process.
     """
     from pipeline.evaluation import EvaluatePaths, evaluate
 
     p = load(params)
     with progress() as bar:
         m = evaluate(p.evaluate, p.transformer.sampling.resolved(), EvaluatePaths(**PATHS), bar)
+    if m is None:
+        return  # a torchrun rank other than 0: it sampled its share, rank 0 measures and reports
     rows = []
     for suffix in ("ref", "inception"):
         if f"fid_{suffix}" in m:
