@@ -32,6 +32,13 @@ class EvaluateConfig:
         description="Path of torch-fidelity's Inception-v3 weights (weights-inception-2015-12-05-6726825d.pth). "
         "Null: use torch-fidelity's cache if the file is there; without it only *_ref metrics are computed.",
     )
+    reference_stats: str | None = Field(
+        None,
+        description="Reference statistics for `cart sample-fid`: an .npz with Inception-v3's mu (2048) and sigma "
+        "(2048×2048), e.g. ADM's VIRTUAL_imagenet256_labeled.npz or MAR's adm_in256_stats.npz, or one `cart "
+        "reference-stats` wrote. Needs the Inception weights (inception_weights). Null: sample-fid writes the "
+        "samples and no FID.",
+    )
     highres_scale: int = Field(2, ge=0, le=4, description="Also generate at this multiple of the resolution (0: skip).")
     highres_per_class: int = Field(8, ge=1, description="Images per class generated at highres_scale.")
     figure_per_class: int = Field(8, ge=1, description="Samples per class in the sample grid figure.")

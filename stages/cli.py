@@ -13,6 +13,7 @@ from stages import (
     experiments,
     extract_tokens,
     sample,
+    sample_fid,
     shard,
     train_evaluator,
     train_tokenizer,
@@ -38,6 +39,8 @@ app.command("train-transformer")(train_transformer.command)
 app.command("train-evaluator")(train_evaluator.command)
 app.command("evaluate")(evaluate.command)
 app.command("sample")(sample.command)
+app.command("sample-fid")(sample_fid.command)
+app.command("reference-stats")(sample_fid.reference_stats_command)
 app.command("experiments")(experiments.command)
 app.command("import-var")(var_checkpoints.import_command)
 app.command("export-var")(var_checkpoints.export_command)
