@@ -11,6 +11,7 @@ from pipeline.config import ConfigError, Field, build, section
 from pipeline.decompose import DecomposeConfig
 from pipeline.evaluation import EvaluateConfig
 from pipeline.evaluator import EvaluatorConfig
+from pipeline.plan import PlanConfig
 from pipeline.sample_fid import SampleFidConfig
 from pipeline.sources import DataConfig
 from pipeline.tokenizer_training import TokenizerConfig
@@ -44,6 +45,10 @@ class Params:
     sample_fid: SampleFidConfig = Field(
         default_factory=SampleFidConfig,
         description="The `sample_fid` stage: N images per class, ADM's samples.npz, FID against reference statistics.",
+    )
+    plan: PlanConfig = Field(
+        default_factory=PlanConfig,
+        description="`cart plan`: the GPUs, utilisation and data size it prices the runs with (no stage reads it).",
     )
 
     def __post_init__(self):

@@ -218,7 +218,7 @@ class Block(nn.Module):
 
 def block_causal_mask(lengths: list[int]) -> torch.Tensor:
     """mask_LL[i, j]: token i may attend to token j, i.e. j's map is i's map or an earlier one."""
-    map_L = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    map_L = torch.repeat_interleave(torch.arange(len(lengths), device="cpu"), torch.tensor(lengths, device="cpu"))
     return map_L[None, :] <= map_L[:, None]
 
 
@@ -244,13 +244,16 @@ class CART(nn.Module):
         self.pos_embed = nn.Embedding(layout.num_tokens, C)
         level_ids = layout.map_level_ids()
         self.level_embed = nn.Embedding(max(level_ids) + 1, C)
-        lengths = torch.tensor(layout.lengths)
-        self.register_buffer("level_L", torch.repeat_interleave(torch.tensor(level_ids), lengths), persistent=False)
+        # Index buffers are made on the CPU whatever the default device: a model built on the meta device (sizes
+        # without memory, as `cart plan` builds a d30) then still has its mask, which forward_flops counts.
+        lengths = torch.tensor(layout.lengths, device="cpu")
+        level_L = torch.repeat_interleave(torch.tensor(level_ids, device="cpu"), lengths)
+        self.register_buffer("level_L", level_L, persistent=False)
         mask_LL = block_causal_mask(layout.lengths if cfg.prediction == "next_map" else [1] * layout.num_tokens)
         self.register_buffer("mask_LL", mask_LL, persistent=False)
         # One GEMM yields every block's six AdaLN vectors and the head's two: the class is all they depend on.
         self.ada_lin = nn.Linear(C, (6 * cfg.depth + 2) * C)
-        rates = torch.linspace(0, cfg.resolved_drop_path, cfg.depth).tolist()  # VAR's linear stochastic-depth rule
+        rates = torch.linspace(0, cfg.resolved_drop_path, cfg.depth, device="cpu").tolist()  # VAR's linear rule
         self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
         self.head = nn.Linear(C, codebook_size)
         # Training recomputes each block's activations in the backward pass instead of keeping them (set by the

@@ -12,6 +12,7 @@ from stages import (
     evaluate,
     experiments,
     extract_tokens,
+    plan,
     sample,
     sample_fid,
     shard,
@@ -42,6 +43,7 @@ app.command("sample")(sample.command)
 app.command("sample-fid")(sample_fid.command)
 app.command("reference-stats")(sample_fid.reference_stats_command)
 app.command("experiments")(experiments.command)
+app.command("plan")(plan.command)
 app.command("import-var")(var_checkpoints.import_command)
 app.command("export-var")(var_checkpoints.export_command)
 
