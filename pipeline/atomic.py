@@ -114,6 +114,22 @@ class ResumableDir:
         if not stamp.exists():
             write_bytes(stamp, fingerprint.encode())
 
+    @classmethod
+    def join(cls, dst: str | os.PathLike, fingerprint: str) -> ResumableDir:
+        """The work directory another process of the same job opened with ``fingerprint``: never cleared here, so
+        a rank cannot delete shards the others are writing; a different fingerprint is an error."""
+        work = cls.__new__(cls)
+        work.dst = Path(dst)
+        work.work = work.dst.with_name(f".{work.dst.name}.partial")
+        stamp = work.work / ".fingerprint"
+        found = stamp.read_text() if stamp.exists() else None
+        if found != fingerprint:
+            raise RuntimeError(
+                f"{work.work} was opened for other inputs or parameters ({found}, this process: {fingerprint}): do "
+                "all ranks see the same files?"
+            )
+        return work
+
     def done(self, name: str) -> bool:
         return (self.work / name).exists()
 

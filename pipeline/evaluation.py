@@ -23,7 +23,7 @@ from pipeline.decompose import DecomposeConfig
 from pipeline.decomposed import split_shards
 from pipeline.highres import HighresConfig
 from pipeline.progress import Progress, Silent
-from pipeline.runtime import resolve_device
+from pipeline.runtime import init_data_parallel, resolve_device
 
 
 @section
@@ -34,6 +34,13 @@ class EvaluateConfig:
         None,
         description="Path of torch-fidelity's Inception-v3 weights (weights-inception-2015-12-05-6726825d.pth). "
         "Null: use torch-fidelity's cache if the file is there; without it only *_ref metrics are computed.",
+    )
+    reference_stats: str | None = Field(
+        None,
+        description="Reference statistics for `cart sample-fid`: an .npz with Inception-v3's mu (2048) and sigma "
+        "(2048×2048), e.g. ADM's VIRTUAL_imagenet256_labeled.npz or MAR's adm_in256_stats.npz, or one `cart "
+        "reference-stats` wrote. Needs the Inception weights (inception_weights). Null: sample-fid writes the "
+        "samples and no FID.",
     )
     highres_scale: int = Field(
         2,
@@ -88,10 +95,12 @@ def evaluate(
     paths: EvaluatePaths,
     progress: Progress | None = None,
     decompose_cfg: DecomposeConfig | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Measure the trained transformer, its ceiling and its floor; write metrics/eval.json and the figures.
 
-    ``decompose_cfg`` (the decompose stage's parameters) decomposes the real 2× val images for the 2× ceiling."""
+    ``decompose_cfg`` (the decompose stage's parameters) decomposes the real 2× val images for the 2× ceiling.
+    Under torchrun every rank samples its share; rank 0 measures, writes and returns the metrics (others: None).
+    """
     from pipeline.evaluator import load_evaluator
     from pipeline.metrics import (
         class_consistency,
@@ -100,24 +109,41 @@ def evaluate(
         inception_extractor,
         reference_extractor,
     )
-    from pipeline.sampling import sample_images
+    from pipeline.sampling import sample_sharded
     from pipeline.shards import decoded, read_samples
     from pipeline.tokenizer import load_tokenizer
     from pipeline.tokens import decode_token_sample, layout_from_manifest, split_maps
-    from pipeline.transformer import load_transformer
+    from pipeline.transformer import load_transformer, sampling_stem
     from pipeline.transformer_training import build_model
 
     progress = progress or Silent()
     device = resolve_device(cfg.device)
+    dist = init_data_parallel(device)
     extractors = [reference_extractor(paths.evaluator)]  # first: a missing one names the stage to run
-    model, config = load_transformer(paths.transformer, device)
+    stem, weights = sampling_stem(paths.transformer, sampling.weights)
+    model, config = load_transformer(stem, device)
     tokenizer, _ = load_tokenizer(paths.tokenizer, device)
+    manifest = json.loads((paths.tokens / "manifest.json").read_text())
+    classes = config["classes"]
+    labels = torch.arange(len(classes)).repeat_interleave(cfg.samples_per_class)
+
+    steps = 4 + (cfg.highres_scale > 1)
+    progress.start("evaluate", steps, unit="parts")
+    # Sampling takes the time: under torchrun each rank draws its share of the batches (each batch with its own
+    # seed, so the images do not depend on the number of ranks) and rank 0 measures.
+    start = time.perf_counter()
+    samples = sample_sharded(model, tokenizer, labels, sampling, cfg.batch_size, dist)
+    # Wall time of sampling and decoding (a cost figure beside FID; it moves with the machine's load).
+    sampling_images_per_s = len(labels) / (time.perf_counter() - start)
+    # The floor: the same architecture, untrained, sampled the same way.
+    untrained = build_model(model.cfg, manifest, seed=0).to(device).eval()
+    floor = sample_sharded(untrained, tokenizer, labels, sampling, cfg.batch_size, dist)
+    if not dist.is_main:
+        return None
     ref_net = load_evaluator(paths.evaluator, device)
     if inception_available(cfg.inception_weights) is not None:
         extractors.append(inception_extractor(cfg.inception_weights))
     val_uint8, _ = load_val_images(paths.shards)
-    classes = config["classes"]
-    labels = torch.arange(len(classes)).repeat_interleave(cfg.samples_per_class)
 
     def measure(images_uint8: torch.Tensor, prefix: str, labels_N: torch.Tensor | None = None) -> dict[str, float]:
         out = {}
@@ -127,17 +153,10 @@ def evaluate(
             out[f"{prefix}class_consistency_ref"] = class_consistency(ref_net, images_uint8, labels_N)
         return out
 
-    steps = 4 + (cfg.highres_scale > 1)
-    progress.start("evaluate", steps, unit="parts")
-    start = time.perf_counter()
-    samples = sample_images(model, tokenizer, labels, sampling, cfg.batch_size, progressive=False)
-    # Wall time of sampling and decoding (a cost figure beside FID; it moves with the machine's load).
-    sampling_images_per_s = len(labels) / (time.perf_counter() - start)
     metrics = measure(to_uint8(samples.images_N3HW), "", labels)
     progress.advance()
 
     # The ceiling: val images through the tokenizer (their stored tokens, decoded).
-    manifest = json.loads((paths.tokens / "manifest.json").read_text())
     val_tokens = read_samples(split_shards(paths.tokens / "val"))
     idx_NL = torch.stack([decoded(raw, decode_token_sample)[0] for raw in val_tokens])
     recon = torch.cat(
@@ -149,9 +168,6 @@ def evaluate(
     metrics |= measure(to_uint8(recon), "reconstruction_")
     progress.advance()
 
-    # The floor: the same architecture, untrained, sampled the same way.
-    untrained = build_model(model.cfg, manifest, seed=0).to(device).eval()
-    floor = sample_images(untrained, tokenizer, labels, sampling, cfg.batch_size)
     metrics |= measure(to_uint8(floor.images_N3HW), "untrained_", labels)
     metrics["chance_class_consistency"] = 1 / len(classes)
     progress.advance()
@@ -165,6 +181,7 @@ def evaluate(
     metrics["samples"] = len(labels)
     metrics["val_images"] = len(val_uint8)
     metrics["order"] = model.layout.order
+    metrics["ema_weights"] = int(weights == "ema")  # sampled from the moving average of the weights
     metrics |= {"tokens": model.layout.num_tokens, "maps": model.layout.num_maps}
     atomic.write_json(paths.metrics, metrics)
     atomic.write_json(paths.speed, {"sampling_images_per_s": sampling_images_per_s, "device": str(device)})

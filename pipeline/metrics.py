@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
+from pipeline.config import InvalidInput
 from pipeline.evaluator import ReferenceNet, load_evaluator
 from pipeline.tokenizer_training import MissingWeights
 
@@ -107,12 +108,28 @@ def inception_available(weights_path: str | Path | None = None) -> Path | None:
 
 
 def inception_extractor(weights_path: str | Path | None = None) -> Extractor:
+    """torch-fidelity's Inception-v3 with its weights file, once the file is known to hold tensors only.
+
+    torch-fidelity reads the file with ``torch.load(weights_only=False)``, i.e. it unpickles it. It is read here
+    first with ``weights_only=True``, which refuses anything but tensors and plain containers, so the unpickling
+    that follows cannot run code that a user file smuggled in. Done before any sampling, so a refused file costs
+    seconds, not the hours of a 50 000-image run.
+    """
     path = inception_available(weights_path)
     if path is None:
         raise MissingWeights(
             f"Inception-v3 weights cannot be downloaded here: put {INCEPTION_FILE} at "
             f"{Path(torch.hub.get_dir()) / 'checkpoints'} or name its path"
         )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickled objects, a truncated or foreign file: not a tensors-only state dict
+        raise InvalidInput(
+            f"{path}: not a plain tensor state dict, refused unread ({type(err).__name__}); torch-fidelity's "
+            f"{INCEPTION_FILE} is one"
+        ) from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise InvalidInput(f"{path}: not a state dict of tensors (torch-fidelity's {INCEPTION_FILE} is one)")
     return Extractor(INCEPTION_EXTRACTOR, path, "inception")
 
 

@@ -11,6 +11,8 @@ from pipeline.config import ConfigError, Field, build, section
 from pipeline.decompose import DecomposeConfig
 from pipeline.evaluation import EvaluateConfig
 from pipeline.evaluator import EvaluatorConfig
+from pipeline.plan import PlanConfig
+from pipeline.sample_fid import SampleFidConfig
 from pipeline.sources import DataConfig
 from pipeline.tokenizer_training import TokenizerConfig
 from pipeline.tokens import ExtractTokensConfig
@@ -39,6 +41,14 @@ class Params:
     )
     evaluate: EvaluateConfig = Field(
         default_factory=EvaluateConfig, description="The `evaluate` stage: samples, metrics and figures."
+    )
+    sample_fid: SampleFidConfig = Field(
+        default_factory=SampleFidConfig,
+        description="The `sample_fid` stage: N images per class, ADM's samples.npz, FID against reference statistics.",
+    )
+    plan: PlanConfig = Field(
+        default_factory=PlanConfig,
+        description="`cart plan`: the GPUs, utilisation and data size it prices the runs with (no stage reads it).",
     )
 
     def __post_init__(self):

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from datetime import timedelta
+from typing import Literal, TypeVar
 
 import torch
 
+from pipeline.atomic import ResumableDir
+
 DeviceName = Literal["auto", "cpu", "cuda"]
+T = TypeVar("T")
 
 
 def resolve_device(name: DeviceName) -> torch.device:
@@ -55,12 +60,50 @@ def dist_from_env() -> Dist:
     )
 
 
-def init_distributed(device: torch.device) -> Dist:
-    """Join the torchrun process group if launched under torchrun (NCCL on CUDA, gloo on CPU)."""
+def init_distributed(device: torch.device, backend: str | None = None, timeout: timedelta | None = None) -> Dist:
+    """Join the torchrun process group if launched under torchrun (NCCL on CUDA, gloo on CPU, unless ``backend``
+    says otherwise); ``timeout``: how long a collective may wait for the slowest rank (torch's default if None)."""
     dist = dist_from_env()
     if dist.enabled and not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend=backend)
+        torch.distributed.init_process_group(backend=backend, timeout=timeout)
     return dist
+
+
+# A data stage's ranks meet only at its start and end: the end waits for the slowest rank's whole share (a rank
+# whose shards survived a kill waits for the others to redo theirs), which can take hours on ImageNet.
+DATA_STAGE_TIMEOUT = timedelta(hours=48)
+
+
+def init_data_parallel(device: torch.device) -> Dist:
+    """The process group of a data stage (decompose, extract_tokens, sampling): gloo whatever the device, since
+    its collectives are barriers and small objects, and a long timeout (``DATA_STAGE_TIMEOUT``)."""
+    return init_distributed(device, backend="gloo", timeout=DATA_STAGE_TIMEOUT)
+
+
+def barrier(dist: Dist) -> None:
+    if dist.enabled:
+        torch.distributed.barrier()
+
+
+def share(items: Sequence[T], dist: Dist) -> list[T]:
+    """This rank's items: every world_size-th from its rank on, so the ranks' shares partition ``items``."""
+    return list(items[dist.rank :: dist.world_size])
+
+
+def open_resumable(dst, fingerprint: str, dist: Dist) -> ResumableDir:
+    """The resumable work directory of a data stage, opened by rank 0 (which clears a stale one) before the other
+    ranks join it."""
+    work = ResumableDir(dst, fingerprint) if dist.is_main else None
+    barrier(dist)
+    return work or ResumableDir.join(dst, fingerprint)
+
+
+def todo_share(names: Sequence[T], done, dist: Dist) -> list[T]:
+    """This rank's share of the ``names`` not ``done`` yet (a rerun after a kill redoes only those, spread over
+    every rank). All ranks list them before any rank writes again (a barrier), so their lists agree."""
+    todo = [name for name in names if not done(name)]
+    barrier(dist)
+    return share(todo, dist)

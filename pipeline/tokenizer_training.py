@@ -9,6 +9,7 @@ component prefix decode to its base, so that next-detail prefixes are real image
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -206,7 +207,8 @@ class TokenizerTask:
         # restarts the same codes an uninterrupted one would.
         self.counters = nn.Module()
         self.counters.register_buffer("usage", torch.zeros(model.cfg.codebook_size, dtype=torch.long))
-        self._fake: torch.Tensor | None = None
+        # Reconstructions of each micro-batch of a step, for the discriminator's phase, which reads them in order.
+        self._fakes: collections.deque[torch.Tensor] = collections.deque()
         self._residuals: torch.Tensor | None = None
 
     def modules(self) -> dict[str, nn.Module]:
@@ -270,7 +272,8 @@ class TokenizerTask:
             weight = self._adaptive_weight(rec_loss, generator)
             loss = loss + self.cfg.lambda_gan * weight * generator
             logs |= {"gan_g": generator.item(), "gan_weight": float(weight)}
-        self._fake = recon.detach()
+        if self.disc is not None:
+            self._fakes.append(recon.detach())
         with torch.no_grad():
             for idx in quantized.indices:
                 self.usage.add_(torch.bincount(idx.flatten(), minlength=self.usage.numel()))
@@ -299,10 +302,11 @@ class TokenizerTask:
         return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0, 1e4).detach()
 
     def discriminator_loss(self, batch, step: int):
+        fake = self._fakes.popleft()
         if not self.gan_active(step):
             return None, {}
         image, _ = batch
-        real, fake = self.disc_net(image * 2 - 1), self.disc_net(self._fake * 2 - 1)
+        real, fake = self.disc_net(image * 2 - 1), self.disc_net(fake * 2 - 1)
         loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
         return loss, {"gan_d": loss.item()}
 

@@ -18,7 +18,7 @@ from pipeline import atomic, shards
 from pipeline.config import Field, section
 from pipeline.decomposed import SPLITS, decode_training_sample, split_shards
 from pipeline.progress import Progress, Silent
-from pipeline.runtime import resolve_device
+from pipeline.runtime import barrier, init_data_parallel, open_resumable, resolve_device, todo_share
 from pipeline.tokenizer import Tokenizer, TokenLayout, load_tokenizer
 
 
@@ -73,11 +73,17 @@ def extract_tokens(
     out_dir: str | Path,
     cfg: ExtractTokensConfig,
     progress: Progress | None = None,
-) -> dict[str, Any]:
-    """Tokenize ``in_dir/{train,val}`` into ``out_dir/{train,val}`` plus ``manifest.json``; resumable per shard."""
+) -> dict[str, Any] | None:
+    """Tokenize ``in_dir/{train,val}`` into ``out_dir/{train,val}`` plus ``manifest.json``; resumable per shard.
+
+    Under torchrun each rank tokenizes its share of the shards on its own device; rank 0 writes the manifest once
+    all are done and returns it (the other ranks return None). The output does not depend on the number of ranks.
+    """
     in_dir, progress = Path(in_dir), progress or Silent()
     source = json.loads((in_dir / "manifest.json").read_text())
-    tokenizer, config = load_tokenizer(tokenizer_stem, resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    dist = init_data_parallel(device)
+    tokenizer, config = load_tokenizer(tokenizer_stem, device)
     if config["order"] != source["order"]:
         raise ValueError(
             f"{tokenizer_stem}.json is an order-{config['order']} tokenizer but {in_dir} holds order-"
@@ -85,22 +91,22 @@ def extract_tokens(
         )
     stem = Path(tokenizer_stem)
     inputs = atomic.files_fingerprint(in_dir), atomic.files_fingerprint(stem.parent)
-    work = atomic.ResumableDir(out_dir, atomic.fingerprint(inputs))
+    work = open_resumable(out_dir, atomic.fingerprint(inputs), dist)
     urls = {split: split_shards(in_dir / split) for split in SPLITS}
-    progress.start("extract tokens", sum(source["splits"][s]["count"] for s in SPLITS), unit="images")
-    counts = {}
+    names = {url: f"{split}/{Path(url).name}" for split in SPLITS for url in urls[split]}
     for split in SPLITS:
         work.path(split).mkdir(exist_ok=True)
-        counts[split] = 0
-        for url in urls[split]:
-            name = f"{split}/{Path(url).name}"
-            if not work.done(name):
-                samples = tokenize_shard(list(shards.read_shard(url)), tokenizer, cfg.batch_size)
-                with atomic.writing(work.path(name)) as tmp:
-                    shards.write_shard(tmp, samples)
-            n = sum(1 for _ in shards.read_shard(str(work.path(name))))
-            counts[split] += n
-            progress.advance(n)
+    mine = todo_share(list(names), lambda url: work.done(names[url]), dist)
+    progress.start("extract tokens", sum(shards.count_samples(url) for url in mine), unit="images")
+    for url in mine:
+        samples = tokenize_shard(list(shards.read_shard(url)), tokenizer, cfg.batch_size)
+        with atomic.writing(work.path(names[url])) as tmp:
+            shards.write_shard(tmp, samples)
+        progress.advance(len(samples))
+    barrier(dist)
+    if not dist.is_main:
+        return None
+    counts = {split: sum(shards.count_samples(str(work.path(names[url]))) for url in urls[split]) for split in SPLITS}
     layout = tokenizer.layout
     manifest = {
         "splits": {split: {"count": counts[split], "shards": len(urls[split])} for split in SPLITS},

@@ -11,6 +11,8 @@ experiment never resumes from a stale one.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import math
@@ -33,7 +35,7 @@ from torch import nn
 from pipeline import atomic
 from pipeline.config import Field, section
 from pipeline.progress import Progress, Silent
-from pipeline.runtime import Dist, dist_from_env, init_distributed, resolve_device
+from pipeline.runtime import Dist, barrier, dist_from_env, init_distributed, resolve_device
 
 
 @section
@@ -49,6 +51,13 @@ class TrainConfig:
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW β1.")
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW β2.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the gradient norm to this (0: no clipping).")
+    grad_accumulation: int = Field(
+        1,
+        ge=1,
+        description="Batches whose gradients are summed into each optimiser step: a step sees batch_size × "
+        "grad_accumulation × processes samples (the paper's batch on fewer GPUs). Equal to one large batch but for "
+        "batch statistics (BatchNorm in the reference classifier).",
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Autocast precision: auto is bf16 on CUDA and fp32 on CPU."
     )
@@ -118,6 +127,25 @@ def shard_training_loader(
         select=select,
     )
     return loader, per_epoch
+
+
+def ema_copy(module: nn.Module) -> nn.Module:
+    """A frozen copy of ``module`` to hold the exponential moving average of its weights (``ema_update``).
+
+    Without trainable parameters it is neither DDP-wrapped nor optimised by the loop; as one of a task's
+    ``modules`` it is checkpointed and checked with the others, so a resumed run continues the same average.
+    """
+    return copy.deepcopy(module).requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def ema_update(average: nn.Module, module: nn.Module, decay: float) -> None:
+    """average ← decay·average + (1 − decay)·weights, for every parameter; buffers are copied. Decay 0 copies."""
+    averaged, current = list(average.parameters()), [p.detach() for p in module.parameters()]
+    # lerp with weight 1 returns its end exactly (end − (end − start)·0): decay 0 is the raw weights, bit for bit.
+    torch._foreach_lerp_(averaged, current, 1.0 - decay)
+    for kept, buffer in zip(average.buffers(), module.buffers(), strict=True):
+        kept.copy_(buffer)
 
 
 def adamw(groups: list[dict], cfg: TrainConfig) -> torch.optim.AdamW:
@@ -546,43 +574,64 @@ def train(
     modules = task.modules()
     for module in modules.values():
         module.to(device)
-    task.wrap(_wrap(modules, dist, device, cfg))
+    wrapped = _wrap(modules, dist, device, cfg)
+    task.wrap(wrapped)
     phases = task.phases(cfg)
     optimizers = {phase.name: phase.optimizer for phase in phases}
 
     if dist.is_main:
         tidy_checkpoints(paths.checkpoints, fingerprint)
-    _barrier(dist)
+    barrier(dist)
     start_step = resume(paths.checkpoints, fingerprint, modules, optimizers, restore_rng=not dist.enabled)
     if start_step and dist.enabled:  # per-rank RNG streams are not checkpointed: continue from a distinct seed
         torch.manual_seed(cfg.seed + 1_000_003 * start_step + dist.rank)
     live = _Live(paths.live, start_step, enabled=dist.is_main)
-    batches = batches_from(epoch_batches, batches_per_epoch, start_step)
+    accumulation = cfg.grad_accumulation
+    batches = batches_from(epoch_batches, batches_per_epoch, start_step * accumulation)
+    if dist.is_main and start_step < cfg.steps:
+        log.info(
+            "batch per optimiser step: %d = batch_size %d × grad_accumulation %d × %d process(es)",
+            cfg.batch_size * accumulation * dist.world_size,
+            cfg.batch_size,
+            accumulation,
+            dist.world_size,
+        )
     progress.start(f"train from step {start_step}", cfg.steps - start_step, unit="steps")
     metrics: dict[str, float] = {}
     window_start, window_samples = time.perf_counter(), 0
     for step in range(start_step, cfg.steps):
-        batch = task.to_device(next(batches), device)
+        micro = [task.to_device(next(batches), device) for _ in range(accumulation)]
         factor = lr_factor(step, cfg)
         logs: dict[str, float] = {"lr": cfg.lr * factor}
         for phase in phases:
             for group in phase.optimizer.param_groups:
                 group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
-            with autocast_context(cfg, device):
-                loss, phase_logs = phase.loss(batch, step)
-            logs.update(phase_logs)
-            if loss is None:
-                continue
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"step {step}: {phase.name} loss is {loss.item()} (lower lr or check data)")
             phase.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            phase_logs, stepping = [], False
+            for i, batch in enumerate(micro):
+                with autocast_context(cfg, device):
+                    loss, batch_logs = phase.loss(batch, step)
+                phase_logs.append(batch_logs)
+                if loss is None:
+                    continue
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"step {step}: {phase.name} loss is {loss.item()} (lower lr or check data)"
+                    )
+                # Mean losses over micro-batches of equal size, summed: the gradient of the mean over all of them.
+                # DDP averages over processes once, at the last micro-batch.
+                with _no_sync(wrapped) if i + 1 < accumulation else nullcontext():
+                    (loss / accumulation).backward()
+                stepping = True
+            logs.update(_mean_logs(phase_logs))
+            if not stepping:
+                continue
             if cfg.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(phase.parameters, cfg.grad_clip)
                 logs[f"grad_norm_{phase.name}"] = float(norm)
             phase.optimizer.step()
-        logs.update(task.after_step(step, batch))
-        window_samples += cfg.batch_size * dist.world_size
+        logs.update(task.after_step(step, micro[-1]))
+        window_samples += cfg.batch_size * accumulation * dist.world_size
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             elapsed = time.perf_counter() - window_start
@@ -595,12 +644,29 @@ def train(
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             if dist.is_main:
                 save_checkpoint(paths.checkpoints, done, fingerprint, modules, optimizers, cfg.keep_checkpoints)
-            _barrier(dist)
+            barrier(dist)
         progress.advance()
     if start_step >= cfg.steps:  # already finished: evaluate what the checkpoint holds
         metrics = _evaluate(task, dist)
     live.close()
     return metrics
+
+
+@contextlib.contextmanager
+def _no_sync(wrapped: dict[str, nn.Module]) -> Iterator[None]:
+    """Gradients accumulate locally in every DDP module: no all-reduce until the last micro-batch."""
+    with contextlib.ExitStack() as stack:
+        for module in wrapped.values():
+            ddp = getattr(module, "_orig_mod", module)  # torch.compile wraps the DDP module
+            if isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+                stack.enter_context(ddp.no_sync())
+        yield
+
+
+def _mean_logs(logs: list[dict[str, float]]) -> dict[str, float]:
+    """Each logged value averaged over the micro-batches that logged it."""
+    keys = dict.fromkeys(k for entry in logs for k in entry)
+    return {k: sum(e[k] for e in logs if k in e) / sum(k in e for e in logs) for k in keys}
 
 
 def _wrap(modules: dict[str, nn.Module], dist: Dist, device: torch.device, cfg: TrainConfig) -> dict[str, nn.Module]:
@@ -622,10 +688,5 @@ def _evaluate(task: Task, dist: Dist) -> dict[str, float]:
     if dist.is_main:
         with torch.no_grad():
             metrics = task.evaluate()
-    _barrier(dist)
+    barrier(dist)
     return metrics
-
-
-def _barrier(dist: Dist) -> None:
-    if dist.enabled:
-        torch.distributed.barrier()

@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from pipeline.config import Field, section
@@ -103,6 +104,11 @@ class SamplingConfig:
     top_p: float = Field(0.0, ge=0, le=1, description="Nucleus sampling: the likeliest codes covering p (0 or 1: off).")
     temperature: float = Field(1.0, gt=0, description="Logits are divided by this before filtering.")
     seed: int = Field(0, ge=0, description="Seed of the sampling generator when none is passed.")
+    weights: Literal["ema", "raw"] = Field(
+        "ema",
+        description="ema: the moving average of the weights where training kept one (transformer.train.ema_decay > "
+        "0), else the weights; raw: the trained weights always.",
+    )
     preset: Literal["none", "var_fid"] = Field(
         "none",
         description="var_fid: VAR's FID recipe (its cfg 1.5 = guidance 2.5, linear schedule, top-k 900, top-p 0.96, "
@@ -212,7 +218,7 @@ class Block(nn.Module):
 
 def block_causal_mask(lengths: list[int]) -> torch.Tensor:
     """mask_LL[i, j]: token i may attend to token j, i.e. j's map is i's map or an earlier one."""
-    map_L = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    map_L = torch.repeat_interleave(torch.arange(len(lengths), device="cpu"), torch.tensor(lengths, device="cpu"))
     return map_L[None, :] <= map_L[:, None]
 
 
@@ -238,15 +244,21 @@ class CART(nn.Module):
         self.pos_embed = nn.Embedding(layout.num_tokens, C)
         level_ids = layout.map_level_ids()
         self.level_embed = nn.Embedding(max(level_ids) + 1, C)
-        lengths = torch.tensor(layout.lengths)
-        self.register_buffer("level_L", torch.repeat_interleave(torch.tensor(level_ids), lengths), persistent=False)
+        # Index buffers are made on the CPU whatever the default device: a model built on the meta device (sizes
+        # without memory, as `cart plan` builds a d30) then still has its mask, which forward_flops counts.
+        lengths = torch.tensor(layout.lengths, device="cpu")
+        level_L = torch.repeat_interleave(torch.tensor(level_ids, device="cpu"), lengths)
+        self.register_buffer("level_L", level_L, persistent=False)
         mask_LL = block_causal_mask(layout.lengths if cfg.prediction == "next_map" else [1] * layout.num_tokens)
         self.register_buffer("mask_LL", mask_LL, persistent=False)
         # One GEMM yields every block's six AdaLN vectors and the head's two: the class is all they depend on.
         self.ada_lin = nn.Linear(C, (6 * cfg.depth + 2) * C)
-        rates = torch.linspace(0, cfg.resolved_drop_path, cfg.depth).tolist()  # VAR's linear stochastic-depth rule
+        rates = torch.linspace(0, cfg.resolved_drop_path, cfg.depth, device="cpu").tolist()  # VAR's linear rule
         self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
         self.head = nn.Linear(C, codebook_size)
+        # Training recomputes each block's activations in the backward pass instead of keeping them (set by the
+        # training task; not part of the architecture or the weights).
+        self.checkpoint_activations = False
         self._init_weights()
 
     def decayed_embeddings(self) -> list[nn.Parameter]:
@@ -306,8 +318,14 @@ class CART(nn.Module):
         caches: list[KVCache] | None = None,
     ) -> torch.Tensor:
         """Blocks and the head's AdaLN: h_BLC, which ``self.head`` maps to logits."""
+        recompute = self.checkpoint_activations and caches is None and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x_BLC = block(x_BLC, mod_B1KC[:, :, 6 * i : 6 * i + 6], mask_LL, None if caches is None else caches[i])
+            mod_B16C = mod_B1KC[:, :, 6 * i : 6 * i + 6]
+            if recompute:
+                # The RNG state is replayed in the recomputation: the same stochastic-depth and dropout draws.
+                x_BLC = torch.utils.checkpoint.checkpoint(block, x_BLC, mod_B16C, mask_LL, None, use_reentrant=False)
+            else:
+                x_BLC = block(x_BLC, mod_B16C, mask_LL, None if caches is None else caches[i])
         scale, shift = mod_B1KC[:, :, -2:].unbind(2)
         return torch.addcmul(shift, F.layer_norm(x_BLC, x_BLC.shape[-1:], eps=self.cfg.norm_eps), scale + 1)
 
@@ -508,6 +526,20 @@ def save_transformer(stem: str | Path, model: CART, extra: dict | None = None) -
         **(extra or {}),
     }
     save_weights(stem, model, config)
+
+
+def ema_stem(stem: str | Path) -> Path:
+    """Where training saves the moving average of the weights saved at ``stem``: ``<stem>_ema``."""
+    stem = Path(stem)
+    return stem.with_name(f"{stem.name}_ema")
+
+
+def sampling_stem(stem: str | Path, weights: Literal["ema", "raw"]) -> tuple[Path, Literal["ema", "raw"]]:
+    """The weights to sample with (``SamplingConfig.weights``): the average at ``<stem>_ema`` when asked for and
+    present, else ``stem`` itself; and which of the two it is."""
+    if weights == "ema" and ema_stem(stem).with_suffix(".safetensors").is_file():
+        return ema_stem(stem), "ema"
+    return Path(stem), "raw"
 
 
 def load_transformer(stem: str | Path, device: torch.device | str = "cpu") -> tuple[CART, dict]:

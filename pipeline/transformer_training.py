@@ -23,11 +23,12 @@ from pipeline.config import Field, section
 from pipeline.progress import Progress
 from pipeline.tokenizer import Tokenizer, TokenLayout, load_tokenizer
 from pipeline.tokens import decode_token_sample, layout_from_manifest, split_maps
-from pipeline.train import Phase, RunPaths, TrainConfig, adamw, decay_groups
+from pipeline.train import Phase, RunPaths, TrainConfig, adamw, decay_groups, ema_copy, ema_update
 from pipeline.transformer import (
     CART,
     SamplingConfig,
     TransformerModelConfig,
+    ema_stem,
     forward_flops,
     save_transformer,
     teacher_forcing_inputs,
@@ -35,11 +36,29 @@ from pipeline.transformer import (
 
 
 @section
+class TransformerTrainConfig(TrainConfig):
+    ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Keep an exponential moving average of the weights, updated after every optimiser step with this "
+        "decay (e.g. 0.9999), checkpointed and saved beside the weights as <stem>_ema; sampling and evaluate use it "
+        "unless transformer.sampling.weights is raw. 0: no average.",
+    )
+    checkpoint_activations: bool = Field(
+        False,
+        description="Recompute each block's activations in the backward pass instead of storing them (activation "
+        "checkpointing): about a third more compute for the memory of one block's activations (deep models, large "
+        "batches). Same gradients.",
+    )
+
+
+@section
 class TransformerConfig:
     model: TransformerModelConfig = Field(default_factory=TransformerModelConfig, description="Architecture.")
-    train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(weight_decay=0.05, beta1=0.9, beta2=0.95),
-        description="Optimisation (AdamW β = (0.9, 0.95), weight decay 0.05 as in VAR).",
+    train: TransformerTrainConfig = Field(
+        default_factory=lambda: TransformerTrainConfig(weight_decay=0.05, beta1=0.9, beta2=0.95),
+        description="Optimisation (AdamW β = (0.9, 0.95), weight decay 0.05 as in VAR), EMA, activation checkpointing.",
     )
     sampling: SamplingConfig = Field(
         default_factory=SamplingConfig, description="How `cart sample` and `evaluate` draw images by default."
@@ -61,10 +80,16 @@ def map_names(layout: TokenLayout) -> list[str]:
 
 
 class TransformerTask:
-    """The transformer as the training loop sees it; the tokenizer is a frozen tool that builds the inputs."""
+    """The transformer as the training loop sees it; the tokenizer is a frozen tool that builds the inputs.
 
-    def __init__(self, model: CART, tokenizer: Tokenizer, val_batches: Callable[[], Iterator]):
+    With ``ema_decay`` > 0 it also keeps the moving average of the weights (``self.ema``), a module of the task,
+    so that checkpoints hold it and a resumed run continues it exactly.
+    """
+
+    def __init__(self, model: CART, tokenizer: Tokenizer, val_batches: Callable[[], Iterator], ema_decay: float = 0.0):
         self.model, self.tokenizer, self.val_batches = model, tokenizer.requires_grad_(False).eval(), val_batches
+        self.ema_decay = ema_decay
+        self.ema: CART | None = ema_copy(model) if ema_decay > 0 else None
         self.net: torch.nn.Module = model
         self.names = map_names(model.layout)
         # Which map each token belongs to: the per-map sums of the loss are one scatter, not a loop over maps.
@@ -72,7 +97,7 @@ class TransformerTask:
         self.map_of_token_L = torch.tensor(ids)
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        return {"transformer": self.model}
+        return {"transformer": self.model} | ({"transformer_ema": self.ema} if self.ema is not None else {})
 
     def wrap(self, wrapped: dict[str, torch.nn.Module]) -> None:
         self.net = wrapped["transformer"]
@@ -81,6 +106,7 @@ class TransformerTask:
         self.map_of_token_L = self.map_of_token_L.to(device)
 
     def phases(self, cfg: TrainConfig) -> list[Phase]:
+        self.model.checkpoint_activations = getattr(cfg, "checkpoint_activations", False)
         optimizer = adamw(decay_groups(self.model, cfg.weight_decay, self.model.decayed_embeddings()), cfg)
         return [Phase("transformer", optimizer, self.loss, list(self.model.parameters()))]
 
@@ -111,6 +137,8 @@ class TransformerTask:
         }
 
     def after_step(self, step: int, batch) -> dict[str, float]:
+        if self.ema is not None:
+            ema_update(self.ema, self.model, self.ema_decay)
         return {}
 
     @torch.no_grad()
@@ -259,7 +287,7 @@ def train_transformer(
         log(f"initialised fresh: {', '.join(report.fresh) or 'nothing'}")
     # The untrained model's val loss is the reference for "val loss falls on every map".
     before = evaluate_transformer(model, tokenizer, iter(val_loader.epoch(0))) if dist_from_env().is_main else {}
-    task = TransformerTask(model, tokenizer, lambda: iter(val_loader.epoch(0)))
+    task = TransformerTask(model, tokenizer, lambda: iter(val_loader.epoch(0)), cfg.train.ema_decay)
     settings = {"model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train)}
     fingerprint = atomic.fingerprint(
         settings,
@@ -271,7 +299,13 @@ def train_transformer(
     after = train(task, cfg.train, train_loader.epoch, run, fingerprint, batches_per_epoch=per_epoch, progress=progress)
     if not dist_from_env().is_main:
         return {}
-    save_transformer(paths.model, model.eval(), {"tokenizer": str(paths.tokenizer), "classes": manifest["classes"]})
+    extra = {"tokenizer": str(paths.tokenizer), "classes": manifest["classes"]}
+    save_transformer(paths.model, model.eval(), extra)
+    if task.ema is not None:
+        save_transformer(ema_stem(paths.model), task.ema, extra | {"ema_decay": cfg.train.ema_decay})
+    else:  # an average left by an earlier run would be sampled in place of these weights
+        for suffix in (".safetensors", ".json"):
+            ema_stem(paths.model).with_suffix(suffix).unlink(missing_ok=True)
     names = map_names(model.layout)
     result = {
         "val_loss": after["val/loss"],
@@ -280,6 +314,11 @@ def train_transformer(
         "val_loss_per_map": {n: after[f"val/loss_{n}"] for n in names},
         "val_loss_per_map_untrained": {n: before[f"loss_{n}"] for n in names},
         "val_acc_per_map": {n: after[f"val/acc_{n}"] for n in names},
+        **(
+            {"val_loss_ema": evaluate_transformer(task.ema, tokenizer, iter(val_loader.epoch(0)))["loss"]}
+            if task.ema
+            else {}
+        ),
         "parameters": sum(p.numel() for p in model.parameters()),
         # Cost beside quality: what `cart experiments` and `dvc exp show` list next to FID.
         "tokens": model.layout.num_tokens,

@@ -12,7 +12,9 @@ from stages import (
     evaluate,
     experiments,
     extract_tokens,
+    plan,
     sample,
+    sample_fid,
     shard,
     train_evaluator,
     train_tokenizer,
@@ -38,7 +40,10 @@ app.command("train-transformer")(train_transformer.command)
 app.command("train-evaluator")(train_evaluator.command)
 app.command("evaluate")(evaluate.command)
 app.command("sample")(sample.command)
+app.command("sample-fid")(sample_fid.command)
+app.command("reference-stats")(sample_fid.reference_stats_command)
 app.command("experiments")(experiments.command)
+app.command("plan")(plan.command)
 app.command("import-var")(var_checkpoints.import_command)
 app.command("export-var")(var_checkpoints.export_command)
 

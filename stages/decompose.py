@@ -32,9 +32,11 @@ def command(
 ) -> None:
     """Decompose every image into bases B_1 … B_n by minimising the Ambrosio–Tortorelli energy (paper eq. 8).
 
-    Writes `data/decomposed/{train,val}` shards (image, bases as float16 `.npy`, class) and a manifest with the
-    mean energy of each detail level; details are derived as differences. Killed midway and rerun, the stage keeps
-    the shards it finished. `--preview IMAGE --out fig.png` draws one image's decomposition instead.
+    Writes `data/decomposed/{train,val}` shards (image, bases as losslessly compressed float16, class) and a
+    manifest with the mean energy of each detail level; details are derived as differences. Killed midway and
+    rerun, the stage keeps the shards it finished. Under `torchrun --nproc_per_node=N` each process takes its share
+    of the shards (one GPU each) and the output is the same as one process writes. `--preview IMAGE --out fig.png`
+    draws one image's decomposition instead.
     """
     cfg = load(params).decompose
     if preview is not None:
@@ -45,6 +47,8 @@ def command(
 
     with progress() as bar:
         manifest = decompose_splits(inp, out, cfg, bar)
+    if manifest is None:
+        return  # a torchrun rank other than 0: rank 0 wrote the manifest, draws the previews and reports
     _write_previews(out / "val", reports, cfg)
     rows = [("order", cfg.order)]
     for split, info in manifest["splits"].items():

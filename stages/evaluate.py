@@ -29,13 +29,16 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
     metrics for the tokenizer's val reconstructions (the ceiling) and an untrained transformer (the floor), and
     generation at `evaluate.highres_scale`× (CART's tiles, bilinear and bicubic upsampling, the tokenizer's own
     2× reconstruction) against the real 2× val images (`*_ref_2x`). Writes `metrics/eval.json` and the figures in
-    `reports/evaluate/`.
+    `reports/evaluate/`. Under `torchrun --nproc_per_node=N` the sampling is shared by the
+    processes (one GPU each); the numbers are those of one process.
     """
     from pipeline.evaluation import EvaluatePaths, evaluate
 
     p = load(params)
     with progress() as bar:
         m = evaluate(p.evaluate, p.transformer.sampling.resolved(), EvaluatePaths(**PATHS), bar, p.decompose)
+    if m is None:
+        return  # a torchrun rank other than 0: it sampled its share, rank 0 measures and reports
     rows = []
     for suffix in ("ref", "inception"):
         if f"fid_{suffix}" in m:

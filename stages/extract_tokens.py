@@ -16,13 +16,16 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
 
     Each sample holds `tokens.npy` (int16, all token maps concatenated in generation order: base scales, then
     the detail maps of D_n … D_1) and `cls`; `manifest.json` records the layout (size and kind of every map).
-    Killed and rerun, finished shards are kept.
+    Killed and rerun, finished shards are kept. Under `torchrun --nproc_per_node=N` each process takes its share of
+    the shards (one GPU each) and the output is the same as one process writes.
     """
     from pipeline.tokens import extract_tokens
 
     cfg = load(params).tokens
     with progress() as bar:
         manifest = extract_tokens(TOKENIZER, IN, OUT, cfg, bar)
+    if manifest is None:
+        return  # a torchrun rank other than 0: rank 0 wrote the manifest and reports
     maps = manifest["layout"]["maps"]
     base = [f"{m['h']}×{m['w']}" for m in maps if m["kind"] == "base"]
     detail = [f"D{m['level']} {m['h']}×{m['w']}" for m in maps if m["kind"] == "detail"]

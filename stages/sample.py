@@ -48,6 +48,13 @@ def command(
     ] = None,
     temperature: Annotated[float | None, typer.Option(help="Sampling temperature; default from params.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (the same seed gives the same images).")] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="ema: the moving average of the weights when training kept one (<checkpoint>_ema), else the "
+            "weights; raw: the trained weights. Default transformer.sampling.weights."
+        ),
+    ] = None,
     progressive: Annotated[
         bool, typer.Option(help="Write the Figure-1 strip instead: each sample decoded after every token map.")
     ] = False,
@@ -66,19 +73,24 @@ def command(
     """
     import torch
 
+    from pipeline.config import InvalidInput
     from pipeline.figures import image_grid, labelled_rows
     from pipeline.runtime import resolve_device
     from pipeline.sampling import sample_images
     from pipeline.tokenizer import load_tokenizer
-    from pipeline.transformer import load_transformer
+    from pipeline.transformer import load_transformer, sampling_stem
 
     p = load(params)
     overrides = {"guidance": cfg, "top_k": top_k, "top_p": top_p, "temperature": temperature, "seed": seed}
+    if weights not in (None, "ema", "raw"):
+        raise InvalidInput(f"--weights {weights}: ema or raw")
+    overrides["weights"] = weights
     sampling = dataclasses.replace(
         p.transformer.sampling.resolved(), **{k: v for k, v in overrides.items() if v is not None}
     )
     target = resolve_device(device)
-    model, config = load_transformer(checkpoint, target)
+    stem, used = sampling_stem(checkpoint, sampling.weights)
+    model, config = load_transformer(stem, target)
     tok, _ = load_tokenizer(tokenizer or Path(config["tokenizer"]), target)
     names = config.get("classes") or [str(i) for i in range(config["num_classes"])]
     chosen = _classes(classes, names)
@@ -98,4 +110,4 @@ def command(
     else:
         rows = [(names[c], samples.images_N3HW[i * n : (i + 1) * n]) for i, c in enumerate(chosen)]
         labelled_rows(rows, out, title=f"guidance {sampling.guidance:g}, seed {sampling.seed}")
-    console.print(f"wrote {out} ({len(labels)} samples)")
+    console.print(f"wrote {out} ({len(labels)} samples, {used} weights {stem})")

@@ -1,4 +1,7 @@
-"""Run under torchrun (2 ranks, gloo): train a tiny tokenizer with the shared loop, record each rank's result."""
+"""Run under torchrun (2 ranks, gloo): train a tiny tokenizer with the shared loop, record each rank's result.
+
+Two micro-batches per step (gradient accumulation): gradients are summed locally and all-reduced once per step,
+for the tokenizer and its discriminator alike."""
 
 import json
 import sys
@@ -20,7 +23,9 @@ def main(data: str, out: str) -> None:
     torch.manual_seed(0)  # the same initial weights on both ranks, as DDP requires
     model = Tokenizer(cfg, order=2)
     loss = TokenizerLossConfig(lambda_gan=0.1, gan_start_step=2, disc_channels=8, disc_layers=1, restart_every=3)
-    train_cfg = TrainConfig(steps=6, batch_size=4, warmup_steps=1, checkpoint_every=3, log_every=2, device="cpu")
+    train_cfg = TrainConfig(
+        steps=6, batch_size=4, grad_accumulation=2, warmup_steps=1, checkpoint_every=3, log_every=2, device="cpu"
+    )
     loader = ShardLoader(
         split_shards(Path(data) / "train"), decode_training_sample, batch_size=4, resampled=True, batches_per_epoch=3
     )

@@ -34,7 +34,7 @@ def test_stage_writes_image_bases_class_and_a_manifest_with_detail_energies(work
         assert manifest["splits"][split]["count"] == source["splits"][split]["count"]
         assert len(manifest["splits"][split]["mean_detail_energy"]) == order
     for raw in shards.read_samples(decomposed.split_shards(Path("data/decomposed/val"))):
-        bases = shards.decode_npy(raw["bases.npy"])
+        bases = decomposed.decode_bases(raw)
         assert bases.dtype == np.float16 and bases.shape == (order, 3, 16, 16)
         image, bases_K3HW, cls = decomposed.decode_training_sample(raw)
         # Smoothing keeps the mean colour (Neumann boundaries): a wrong image/base pairing would not.

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ from pipeline.params import load_params
 from pipeline.tokenizer import load_tokenizer
 from pipeline.transformer import load_transformer
 from stages.cli import app
-from tests.workspace import add_tokens
+from tests.workspace import ROOT, add_tokens
 
 runner = CliRunner()
 
@@ -117,3 +120,16 @@ def test_evaluate_without_the_reference_classifier_says_which_stage_to_run(works
     assert runner.invoke(app, ["train-transformer"]).exit_code == 0
     result = runner.invoke(app, ["evaluate"])
     assert result.exit_code == 1 and "train_evaluator" in result.output
+
+
+@pytest.mark.slow
+def test_evaluate_under_torchrun_shares_the_sampling_and_measures_what_one_process_measures(trained):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # both runs: one thread per process
+    one = subprocess.run([sys.executable, "-m", "stages", "evaluate"], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    expected = Path("metrics/eval.json").read_text()
+    Path("metrics/eval.json").unlink()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "stages"]
+    two = subprocess.run([*cmd, "evaluate"], env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert Path("metrics/eval.json").read_text() == expected

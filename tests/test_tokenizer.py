@@ -288,7 +288,7 @@ def test_ddp_training_on_two_processes_keeps_the_ranks_in_sync(tiny_data, tmp_pa
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
-    assert ranks[0]["steps"] == ranks[1]["steps"] == 6
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 6 * 2  # batches read: 6 steps of 2 accumulated batches
     assert ranks[0]["first_batch"] != ranks[1]["first_batch"]  # each rank trained on its own data
 
 

@@ -77,6 +77,30 @@ def test_sample_writes_a_grid_and_a_progressive_strip_and_is_seeded(tokens):
     assert not torch.equal(first.images_N3HW, other.images_N3HW)
 
 
+def test_the_weight_average_is_saved_beside_the_weights_and_sampled_unless_raw_is_asked_for(tokens):
+    from pipeline.transformer import sampling_stem
+
+    write_params(tokens, {"transformer": {"train": {"steps": 12, "ema_decay": 0.8}}})
+    assert runner.invoke(app, ["train-transformer"]).exit_code == 0
+    metrics = json.loads(Path("metrics/transformer.json").read_text())
+    assert metrics["val_loss_ema"] != metrics["val_loss"]
+    ema, raw = (load_transformer(f"models/transformer/{name}")[0] for name in ("transformer_ema", "transformer"))
+    assert any(not torch.equal(a, b) for a, b in zip(ema.parameters(), raw.parameters(), strict=True))
+    drawn = {}
+    for weights in ("ema", "raw"):
+        result = runner.invoke(app, ["sample", "--n", "2", "--weights", weights, "--out", f"{weights}.png"])
+        assert result.exit_code == 0, result.output
+        assert f"{weights} weights" in result.output
+        drawn[weights] = Path(f"{weights}.png").read_bytes()
+    assert drawn["ema"] != drawn["raw"]
+    assert runner.invoke(app, ["sample", "--weights", "best"]).exit_code == 2
+    # Trained again without an average: the old one is not left to be sampled in place of the new weights.
+    write_params(tokens, {"transformer": {"train": {"steps": 12, "ema_decay": 0.0}}})
+    assert runner.invoke(app, ["train-transformer"]).exit_code == 0
+    assert sampling_stem("models/transformer/transformer", "ema") == (Path("models/transformer/transformer"), "raw")
+    assert not Path("models/transformer/transformer_ema.safetensors").exists()
+
+
 def test_unknown_class_is_refused_by_name(tokens):
     assert runner.invoke(app, ["train-transformer"]).exit_code == 0
     result = runner.invoke(app, ["sample", "--classes", "zebra"])

@@ -1,0 +1,275 @@
+"""The field's FID protocol: N images per class from the trained transformer, as PNGs and as the ``samples.npz``
+OpenAI's ADM evaluator reads, and FID against reference statistics with torch-fidelity's Inception-v3.
+
+Sampling goes in chunks of ``batch_size`` images (``pipeline.sampling.sample_chunk``), each drawn with its own
+seed derived from (``transformer.sampling.seed``, chunk index): under torchrun every rank draws its share of the
+chunks and no two chunks, hence no two ranks, share a random stream; the images do not depend on the number of
+ranks. Chunks are written into a resumable work directory (``samples/.fid.partial``) and marked done once their
+PNGs are on disk, so a killed run, rerun, keeps every finished chunk. Rank 0 then packs ``samples.npz``
+(``arr_0``: uint8 N×H×W×3, ``arr_1``: int64 labels, ADM's layout), computes the Inception features of the
+samples and their FID against ``evaluate.reference_stats`` (an ``.npz`` with ``mu`` and ``sigma``, as ADM's
+``VIRTUAL_imagenet256_labeled.npz`` or MAR's ``adm_in256_stats.npz``), and writes the sampling recipe beside the
+number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import zipfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from pipeline import atomic, shards
+from pipeline.config import Field, InvalidInput, section
+from pipeline.progress import Progress, Silent
+from pipeline.runtime import barrier, init_data_parallel, open_resumable, resolve_device, todo_share
+
+# Inception-v3's pool features, the 2048-d vectors of every published FID (and of ADM's reference batches).
+FEATURES = "2048"
+INCEPTION = "inception-v3-compat"
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed member dates: the same samples give the same samples.npz
+
+
+@section
+class SampleFidConfig:
+    per_class: int = Field(
+        50, ge=1, description="Images per class (the ImageNet convention: 50, i.e. 50 000 for 1000 classes)."
+    )
+    batch_size: int = Field(
+        64,
+        ge=1,
+        description="Images sampled together: one chunk, drawn with its own seed (from transformer.sampling.seed "
+        "and the chunk's index). With the seed it decides the images; a rerun with another batch size draws others.",
+    )
+    feature_batch_size: int = Field(64, ge=1, description="Images per Inception forward pass.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when visible.")
+
+
+@dataclass(frozen=True)
+class SampleFidPaths:
+    transformer: Path  # stem of the trained transformer (its <stem>_ema beside it when training kept one)
+    out: Path  # samples/fid: images/, samples.npz, recipe.json
+    metrics: Path  # metrics/fid.json
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inception features and statistics
+
+
+def load_reference_stats(path: str | Path, key: str = "evaluate.reference_stats") -> dict[str, np.ndarray]:
+    """``mu`` (D,) and ``sigma`` (D, D) of a reference statistics file, as float64. Other arrays in the file (ADM's
+    reference batches also hold the images) are not read. A bad file is ``InvalidInput`` naming ``key``."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            missing = [name for name in ("mu", "sigma") if name not in saved.files]
+            if missing:
+                raise InvalidInput(f"{key}: {path} has no {' or '.join(missing)} (it holds {', '.join(saved.files)})")
+            mu, sigma = saved["mu"].astype(np.float64), saved["sigma"].astype(np.float64)
+    except InvalidInput:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise InvalidInput(f"{key}: {path} is not a readable .npz of reference statistics ({err})") from None
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise InvalidInput(f"{key}: {path}: mu {mu.shape} and sigma {sigma.shape} should be (D,) and (D, D)")
+    if mu.shape != (int(FEATURES),):
+        raise InvalidInput(f"{key}: {path}: {len(mu)}-d statistics; Inception-v3's pool features are {FEATURES}-d")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise InvalidInput(f"{key}: {path}: mu or sigma holds non-finite values")
+    return {"mu": mu, "sigma": sigma}
+
+
+def inception(weights: str | Path | None, device: torch.device):
+    """torch-fidelity's Inception-v3 (``inception-v3-compat``, the TensorFlow FID network) from disk, never
+    downloaded, its file checked to hold tensors only first (``pipeline.metrics.inception_extractor``)."""
+    from torch_fidelity.utils import create_feature_extractor
+
+    from pipeline.metrics import inception_extractor
+
+    path = inception_extractor(weights).weights  # MissingWeights (exit 1) saying where to put the file
+    return create_feature_extractor(
+        INCEPTION, [FEATURES], cuda=device.type == "cuda", feature_extractor_weights_path=str(path), verbose=False
+    )
+
+
+@torch.no_grad()
+def features(extractor, batches: Iterable[torch.Tensor]) -> np.ndarray:
+    """Inception pool features (N, 2048) of uint8 image batches (B×3×H×W, any size: torch-fidelity resizes)."""
+    device = next(extractor.parameters()).device
+    out = [extractor(img_uint8_B3HW.to(device))[0].cpu() for img_uint8_B3HW in batches]
+    return torch.cat(out).numpy()
+
+
+def statistics(features_ND: np.ndarray) -> dict[str, np.ndarray]:
+    """mu and sigma as torch-fidelity computes them (``fid_features_to_statistics``), then as float64 (the dtype of
+    published reference statistics; torch-fidelity's formula needs both sides alike)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    stats = fid_features_to_statistics(torch.from_numpy(features_ND))
+    return {"mu": stats["mu"].astype(np.float64), "sigma": stats["sigma"].astype(np.float64)}
+
+
+def frechet_distance(stats: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
+    """FID between two sets of statistics: torch-fidelity's own formula (``fid_statistics_to_metric``)."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    return float(fid_statistics_to_metric(stats, reference, verbose=False)[KEY_METRIC_FID])
+
+
+def write_statistics(path: str | Path, stats: dict[str, np.ndarray], count: int) -> None:
+    """A reference statistics file (``mu``, ``sigma``, and the image ``count``), written atomically."""
+    with atomic.writing(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, mu=stats["mu"], sigma=stats["sigma"], count=np.int64(count))
+
+
+def batched(images_uint8_N3HW: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, len(images_uint8_N3HW), size):
+        yield images_uint8_N3HW[start : start + size]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ADM's samples.npz
+
+
+def write_adm_npz(path: Path, chunks: Iterable[np.ndarray], shape: tuple[int, int, int, int], labels_N) -> None:
+    """``arr_0`` (uint8 N×H×W×3, streamed chunk by chunk: 50 000 images at 256² are 9.8 GB) and ``arr_1``
+    (int64 labels), uncompressed as ``np.savez`` writes them, with fixed member dates. Written atomically."""
+    with atomic.writing(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with archive.open(zipfile.ZipInfo("arr_0.npy", _ZIP_DATE), "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            written = 0
+            for chunk_NHW3 in chunks:
+                if chunk_NHW3.dtype != np.uint8 or chunk_NHW3.shape[1:] != shape[1:]:
+                    raise ValueError(f"chunk {chunk_NHW3.dtype} {chunk_NHW3.shape} does not fit arr_0 {shape}")
+                member.write(np.ascontiguousarray(chunk_NHW3).tobytes())
+                written += len(chunk_NHW3)
+            if written != shape[0]:
+                raise ValueError(f"{written} images written for arr_0 of {shape[0]}")
+        with archive.open(zipfile.ZipInfo("arr_1.npy", _ZIP_DATE), "w", force_zip64=True) as member:
+            np.lib.format.write_array(member, np.asarray(labels_N, dtype=np.int64))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def sample_fid(
+    cfg: SampleFidConfig,
+    sampling,
+    reference_stats: str | None,
+    inception_weights: str | None,
+    paths: SampleFidPaths,
+    progress: Progress | None = None,
+) -> dict[str, Any] | None:
+    """Draw ``cfg.per_class`` images of every class into ``paths.out`` and measure their FID against
+    ``reference_stats`` (when given); return the metrics with the recipe (rank 0; other ranks return None)."""
+    from pipeline.evaluation import to_uint8
+    from pipeline.metrics import inception_extractor
+    from pipeline.sampling import chunk_labels, sample_chunk
+    from pipeline.tokenizer import load_tokenizer
+    from pipeline.transformer import load_transformer, sampling_stem
+
+    progress = progress or Silent()
+    device = resolve_device(cfg.device)
+    dist = init_data_parallel(device)
+    reference = load_reference_stats(reference_stats) if reference_stats else None
+    if reference is not None:
+        # On every rank, before sampling: a missing file is named with where to put it, a pickled one refused.
+        inception_extractor(inception_weights)
+    stem, weights = sampling_stem(paths.transformer, sampling.weights)
+    model, config = load_transformer(stem, device)
+    tokenizer_stem = Path(config["tokenizer"])
+    tokenizer, tokenizer_config = load_tokenizer(tokenizer_stem, device)
+    classes = config.get("classes") or [str(i) for i in range(config["num_classes"])]
+    labels_N = torch.arange(len(classes)).repeat_interleave(cfg.per_class)
+    chunks = chunk_labels(labels_N, cfg.batch_size)
+    side = tokenizer_config["resolution"]
+    recipe = {
+        "images": len(labels_N),
+        "per_class": cfg.per_class,
+        "classes": len(classes),
+        "resolution": side,
+        "sampling": dataclasses.asdict(sampling) | {"weights": weights, "batch_size": cfg.batch_size},
+        # The average's decay when the average is what was sampled (its saved config records it).
+        **({"ema_decay": config["ema_decay"]} if weights == "ema" else {}),
+        "transformer": str(stem),
+        "tokenizer": str(tokenizer_stem),
+    }
+    inputs = [atomic.files_fingerprint(p.parent) for p in (stem, tokenizer_stem)]
+    work = open_resumable(paths.out, atomic.fingerprint(recipe, inputs), dist)
+    for folder in ("images", "chunks"):
+        work.path(folder).mkdir(exist_ok=True)
+    mine = todo_share(range(len(chunks)), lambda i: work.done(_marker(i)), dist)
+    progress.start(f"sample-fid ({len(labels_N)} images)", sum(len(chunks[i]) for i in mine), unit="images")
+    for i in mine:
+        img_uint8_B3HW = to_uint8(sample_chunk(model, tokenizer, chunks[i], sampling, i).images_N3HW)
+        names = []
+        for offset, (image_3HW, label) in enumerate(zip(img_uint8_B3HW, chunks[i].tolist(), strict=True)):
+            names.append(f"images/{i * cfg.batch_size + offset:06d}_{label}.png")
+            atomic.write_bytes(work.path(names[-1]), shards.encode_png(image_3HW.permute(1, 2, 0).numpy()))
+        atomic.write_json(work.path(_marker(i)), {"chunk": i, "images": names})  # the chunk is done
+        progress.advance(len(names))
+    barrier(dist)
+    if not dist.is_main:
+        return None
+    extractor = inception(inception_weights, device) if reference is not None else None
+
+    def chunk_images() -> Iterator[np.ndarray]:
+        for i in range(len(chunks)):
+            names = json.loads(work.path(_marker(i)).read_text())["images"]
+            yield np.stack([shards.decode_png(work.path(name).read_bytes()) for name in names])
+
+    feature_batches: list[np.ndarray] = []
+
+    def measured(images: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        for img_uint8_BHW3 in images:
+            if extractor is not None:
+                img_uint8_B3HW = torch.from_numpy(img_uint8_BHW3).permute(0, 3, 1, 2)
+                feature_batches.append(features(extractor, batched(img_uint8_B3HW, cfg.feature_batch_size)))
+            yield img_uint8_BHW3
+
+    write_adm_npz(work.path("samples.npz"), measured(chunk_images()), (len(labels_N), side, side, 3), labels_N)
+    metrics: dict[str, Any] = {}
+    if reference is not None:
+        metrics["fid_inception"] = frechet_distance(statistics(np.concatenate(feature_batches)), reference)
+        recipe |= {"reference_stats": str(reference_stats), "feature_extractor": f"{INCEPTION} ({FEATURES})"}
+    metrics |= recipe
+    for marker in work.path("chunks").iterdir():
+        marker.unlink()
+    work.path("chunks").rmdir()
+    atomic.write_json(work.path("recipe.json"), metrics)
+    work.finish()
+    atomic.write_json(paths.metrics, metrics)
+    return metrics
+
+
+def _marker(chunk: int) -> str:
+    return f"chunks/{chunk:06d}.json"
+
+
+def reference_statistics(
+    urls: list[str], inception_weights: str | None, device: torch.device, batch_size: int = 64
+) -> tuple[dict[str, np.ndarray], int]:
+    """Inception statistics of the images of image shards (e.g. a val or train split), and their count."""
+    from pipeline.evaluator import decode_labelled
+
+    extractor = inception(inception_weights, device)
+
+    def image_batches() -> Iterator[torch.Tensor]:
+        batch = []
+        for raw in shards.read_samples(urls):
+            batch.append(shards.decoded(raw, decode_labelled)[0])
+            if len(batch) == batch_size:
+                yield torch.stack(batch)
+                batch = []
+        if batch:
+            yield torch.stack(batch)
+
+    features_ND = features(extractor, image_batches())
+    return statistics(features_ND), len(features_ND)
