@@ -9,11 +9,22 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 UNFINISHED = {"Running", "Queued", "Failed"}
+
+
+class _Absent:
+    """A key a run's params.yaml does not have (its commit predates the key): unknown, unlike a key set to null."""
+
+    def __repr__(self) -> str:
+        return "absent"
+
+
+ABSENT = _Absent()
 COLUMNS = ("fid_ref", "kid_ref", "precision_ref", "recall_ref", "class_consistency_ref", "reconstruction_fid_ref")
 COST = ("tokens", "maps", "parameters", "train_flops_per_image", "sampling_images_per_s")
 
@@ -46,11 +57,18 @@ def is_seed(param: str) -> bool:
     return param.rsplit(".", 1)[-1] == "seed"
 
 
-def experiment_points(rows: list[dict[str, Any]], params: list[str]) -> list[dict[str, Any]]:
+def experiment_points(
+    rows: list[dict[str, Any]],
+    params: list[str],
+    read_params: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
+) -> list[dict[str, Any]]:
     """One point per finished run that has a decomposition order and an FID, with its ``params`` values.
 
-    The workspace and the commits it came from show the same run's metrics again: identical results count once.
-    A running, queued or failed experiment shows the metrics files it started from, not its own: left out.
+    ``read_params(row)``, when given, returns the run's own params.yaml flattened: then a key the run's file lacks
+    is ABSENT, not confused with a key set to null (`dvc exp show` prints both as None). Without it the values
+    come from the row. The workspace and the commits it came from show the same run's metrics again: identical
+    results count once (two runs agreeing in every metric to all digits are one run). A running, queued or
+    failed experiment shows the metrics files it started from, not its own: left out.
     """
     points, seen = [], set()
     for row in rows:
@@ -60,35 +78,59 @@ def experiment_points(rows: list[dict[str, Any]], params: list[str]) -> list[dic
         if order is None or fid is None:
             continue
         point = {"name": row.get("Experiment") or row.get("rev") or "?", "order": int(order)}
-        point["params"] = {p: _get(row, p) for p in params}
+        own = read_params(row) if read_params else None
+        values = {p: own.get(p, ABSENT) for p in params} if own is not None else {p: _get(row, p) for p in params}
+        point["params"] = {p: _canonical(v) for p, v in values.items()}
         point |= {c: _number(_get(row, c)) for c in COLUMNS + COST}
-        key = (repr(sorted(point["params"].items())), *(point[c] for c in COLUMNS))
+        key = (point["order"], *(point[c] for c in COLUMNS))
         if key not in seen:
             seen.add(key)
             points.append(point)
     return points
 
 
+def _canonical(value: Any) -> Any:
+    """``2`` and ``2.0`` are one value (`dvc exp show` turns a column's integers into floats)."""
+    if isinstance(value, bool) or value is None or value is ABSENT:
+        return value
+    number = _number(value)
+    return number if number is not None and not isinstance(value, str) else value
+
+
+def _agree(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Equal settings but seeds. A key one run's params.yaml lacks (its commit had no such key yet, so it ran
+    with what later became the default) tells nothing, so it does not part them."""
+    return all(a[k] == b[k] for k in a.keys() & b.keys() if not is_seed(k) and ABSENT not in (a[k], b[k]))
+
+
+def _known(runs: list[dict[str, Any]], key: str) -> Any:
+    """A group's setting of ``key``: the value of whichever of its runs has one."""
+    return next((r["params"][key] for r in runs if r["params"].get(key, ABSENT) is not ABSENT), ABSENT)
+
+
 def group_runs(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Runs that differ in seeds only, as one row each: mean and standard deviation of every column, and a label
-    naming the parameters whose values differ between rows (the order first)."""
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    """Runs that differ in seeds only, as one row each: mean and sample standard deviation of every column, and a
+    label naming the parameters whose values differ between rows (the order first)."""
+    groups: list[list[dict[str, Any]]] = []
     for p in points:
-        settings = {k: v for k, v in p["params"].items() if not is_seed(k)}
-        groups[repr(sorted(settings.items(), key=lambda kv: kv[0]))].append(p)
-    settings = [runs[0]["params"] for runs in groups.values()]
+        home = next((g for g in groups if all(_agree(p["params"], q["params"]) for q in g)), None)
+        if home is None:
+            groups.append([p])
+        else:
+            home.append(p)
+    settings = [{k: _known(runs, k) for r in runs for k in r["params"]} for runs in groups]
     names = {k for s in settings for k in s if not is_seed(k) and k != "decompose.order"}
-    varying = sorted(k for k in names if len({repr(s.get(k)) for s in settings}) > 1)
+    varying = sorted(k for k in names if len({repr(s[k]) for s in settings if s.get(k, ABSENT) is not ABSENT}) > 1)
     table = []
-    for runs in groups.values():
+    for runs, setting in zip(groups, settings, strict=True):
         first = runs[0]
         row: dict[str, Any] = {"order": first["order"], "runs": len(runs), "names": [r["name"] for r in runs]}
-        row["differs"] = {k: first["params"].get(k) for k in varying}
+        row["differs"] = {k: setting.get(k) for k in varying}
         row["label"] = ", ".join([f"order {first['order']}"] + [f"{k}={v}" for k, v in row["differs"].items()])
         for c in COLUMNS + COST:
             values = [r[c] for r in runs if r[c] is not None]
             row[c] = float(np.mean(values)) if values else float("nan")
-            row[f"{c}_std"] = float(np.std(values)) if len(values) > 1 else 0.0
+            row[f"{c}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0  # sample std
         table.append(row)
     return sorted(table, key=lambda r: (repr(list(r["differs"].values())), r["order"]))
 

@@ -37,7 +37,7 @@ def command(
     from pipeline.experiments import experiment_points, fid_order_figure, flatten, group_runs
 
     names = list(flatten(yaml.safe_load(params.read_text()) or {}))
-    points = experiment_points(dvc.api.exp_show(num=commits), names)
+    points = experiment_points(dvc.api.exp_show(num=commits), names, _params_of_run)
     if not points:
         raise ValueError("no experiment has both decompose.order and fid_ref: run `dvc exp run` (see README)")
     table = group_runs(points)
@@ -48,6 +48,28 @@ def command(
     out.parent.mkdir(parents=True, exist_ok=True)
     fid_order_figure(table, out)
     console.print(f"wrote {out}")
+
+
+def _params_of_run(row: dict) -> dict | None:
+    """The run's own params.yaml, flattened: from its commit (experiments are commits), or the workspace file.
+    None when it cannot be read (the row's values are used then)."""
+    import subprocess
+
+    import yaml
+
+    from pipeline.experiments import flatten
+
+    rev = row.get("rev")
+    try:
+        if rev in (None, "workspace"):
+            text = Path("params.yaml").read_text()
+        else:
+            text = subprocess.run(
+                ["git", "show", f"{rev}:params.yaml"], capture_output=True, text=True, check=True
+            ).stdout
+        return flatten(yaml.safe_load(text) or {})
+    except (OSError, subprocess.CalledProcessError, yaml.YAMLError):
+        return None
 
 
 def _cell(row: dict, key: str, digits: int) -> str:

@@ -57,7 +57,7 @@ def test_only_runs_that_differ_in_seeds_are_averaged_and_rows_name_what_differs(
         "order 3, data.source=demo, tokenizer.model.layout=replace",
     }
     var = by_label["order 0, data.source=demo, tokenizer.model.layout=append"]
-    assert var["runs"] == 2 and var["fid_ref"] == 15.0 and var["fid_ref_std"] == 1.0
+    assert var["runs"] == 2 and var["fid_ref"] == 15.0 and var["fid_ref_std"] == math.sqrt(2)  # sample std
     assert math.isnan(var["class_consistency_ref"]) and var["tokens"] == 155
     cifar = by_label["order 3, data.source=/data/cifar10, tokenizer.model.layout=append"]
     assert cifar["runs"] == 1 and cifar["fid_ref"] == 30.0
@@ -70,3 +70,27 @@ def test_params_are_named_as_dvc_names_them():
         "data.source": "demo",
         "tokenizer.model.scales": [1, 2],
     }
+
+
+def test_a_run_from_before_a_param_existed_is_averaged_with_runs_that_have_it_at_the_same_value():
+    """A key an older commit's params.yaml lacks is unknown, not a difference; a key set to null is a value."""
+    params = PARAMS + ["data.highres_scale", "tokenizer.init_from"]
+    files = {
+        "old-seed0": {"data": {"source": "demo"}, "tokenizer": {"init_from": None}},  # before data.highres_scale
+        "new-seed1": {"data": {"source": "demo", "highres_scale": 2}, "tokenizer": {"init_from": None}},
+        "new-no-2x": {"data": {"source": "demo", "highres_scale": 0}, "tokenizer": {"init_from": None}},
+        "imported": {"data": {"source": "demo", "highres_scale": 2}, "tokenizer": {"init_from": "var/vae"}},
+    }
+    rows = [run("old-seed0", 3, 10.0), run("new-seed1", 3, 12.0, seed=1), run("new-no-2x", 3, 20.0)]
+    rows.append(run("imported", 3, 9.0))
+
+    def read(row):
+        own = files[row["Experiment"]]
+        return flatten({**own, "decompose": {"order": 3}, "tokenizer": {**own["tokenizer"], "model": {}}})
+
+    table = group_runs(experiment_points(rows, params, read))
+    assert sorted((r["runs"], r["label"]) for r in table) == [
+        (1, "order 3, data.highres_scale=0.0, tokenizer.init_from=None"),
+        (1, "order 3, data.highres_scale=2.0, tokenizer.init_from=var/vae"),
+        (2, "order 3, data.highres_scale=2.0, tokenizer.init_from=None"),
+    ]
