@@ -100,6 +100,15 @@ class TokenizerConfig:
         "encoder, decoder, quant convs, codebook and φ are copied (the architecture must match; any order). "
         "The codebook is then kept, not re-drawn from data.",
     )
+    frozen: bool = Field(
+        False,
+        description="Keep init_from's weights as they are, no training (VAR trains its transformer on a frozen "
+        "VQVAE; a CART tokenizer of any order is defined by the same encoder, codebook and decoder).",
+    )
+
+    def __post_init__(self):
+        if self.frozen and not self.init_from:
+            raise ValueError("tokenizer.frozen keeps the weights of tokenizer.init_from, which is not set")
 
 
 def init_tokenizer_from(model: Tokenizer, stem: str | Path) -> list[str]:
@@ -499,7 +508,10 @@ def train_tokenizers(
         fingerprint = atomic.fingerprint(
             variant.name, variant.order, dataclasses.asdict(variant.model), settings, inputs
         )
-        train(task, cfg.train, train_loader.epoch, run, fingerprint, batches_per_epoch=per_epoch, progress=progress)
+        if cfg.frozen:
+            log(f"{variant.name}: frozen (tokenizer.frozen), not trained")
+        else:
+            train(task, cfg.train, train_loader.epoch, run, fingerprint, batches_per_epoch=per_epoch, progress=progress)
         models[variant.name] = model.eval()
     if not dist_from_env().is_main:
         return results

@@ -410,6 +410,27 @@ def test_train_tokenizer_starts_from_init_from_and_keeps_its_codebook(workspace)
     torch.testing.assert_close(trained.codebook.weight, source.codebook.weight, atol=1e-6, rtol=0)
 
 
+def test_a_frozen_tokenizer_is_init_from_weight_for_weight_and_frozen_alone_is_refused(workspace):
+    from pipeline.params import load_params
+    from pipeline.tokenizer import save_tokenizer
+    from tests.workspace import write_params
+
+    params = load_params(workspace / "params.yaml")
+    source = make(2, params.tokenizer.model, seed=3)
+    save_tokenizer(workspace / "start", source, 16)
+    write_params(workspace, {"tokenizer": {"frozen": True}})
+    refused = CliRunner().invoke(app, ["train-tokenizer"])
+    assert refused.exit_code == 2 and "tokenizer.frozen" in " ".join(refused.output.split())
+    write_params(workspace, {"tokenizer": {"init_from": "start", "frozen": True, "compare": False}})
+    result = CliRunner().invoke(app, ["train-tokenizer"])
+    assert result.exit_code == 0, result.output
+    assert "frozen" in result.output and not (workspace / "models" / "checkpoints" / "tokenizer").exists()
+    kept = load_file(workspace / "models" / "tokenizer" / "tokenizer.safetensors")
+    assert kept.keys() == source.state_dict().keys()
+    assert all(torch.equal(kept[k], v) for k, v in source.state_dict().items())
+    assert "psnr" in json.loads((workspace / "metrics" / "tokenizer.json").read_text())["tokenizer"]
+
+
 @pytest.mark.parametrize("problem", ["missing", "architecture"])
 def test_init_from_that_does_not_fit_exits_2_naming_it_and_writes_nothing(workspace, problem):
     from pipeline.tokenizer import save_tokenizer
