@@ -137,7 +137,11 @@ class ResumableDir:
         return self.work / name
 
     def finish(self) -> Path:
+        """Swap the finished work directory in. Every part is done by now (all ranks are past their last write),
+        so a half-written ``.<part>.tmp-<pid>`` left is a killed process's: it must not reach the output."""
         (self.work / ".fingerprint").unlink()
+        for leftover in self.work.rglob(".*.tmp-*"):
+            leftover.unlink()
         replace_dir(self.work, self.dst)
         return self.dst
 

@@ -46,3 +46,17 @@ def test_previews_that_cannot_be_written_leave_the_previous_previews(finished_ch
         Writes(patch, tmp_path, fail=failing, error=errno.ENOSPC)
         assert CliRunner().invoke(app, ["decompose"]).exit_code == 1
     assert digest(tmp_path, ["reports/decompose"]) == previous
+
+
+def test_a_resumable_output_never_carries_the_half_written_part_of_a_killed_process(tmp_path):
+    """A rank killed mid-write leaves ``.<part>.tmp-<pid>`` in the work directory; the finished output has only
+    the parts, whichever process finishes it."""
+    from pipeline.atomic import ResumableDir, write_bytes
+
+    work = ResumableDir(tmp_path / "out", "inputs-1")
+    write_bytes(work.path("shard-000000.tar"), b"done")
+    (work.path(".shard-000001.tar.tmp-4242.tar")).write_bytes(b"half")  # what a SIGKILL leaves
+    work = ResumableDir(tmp_path / "out", "inputs-1")  # the rerun keeps finished parts
+    write_bytes(work.path("shard-000001.tar"), b"done too")
+    out = work.finish()
+    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
