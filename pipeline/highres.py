@@ -32,9 +32,9 @@ class HighresConfig:
         "bicubic", description="How the generated base is enlarged (the paper: bilinear)."
     )
     space: Literal["latent", "pixel"] = Field(
-        "latent",
+        "pixel",
         description="latent: the base's f̂ is upsampled; pixel: the base is decoded, upsampled as an image and "
-        "encoded at the larger size.",
+        "encoded at the larger size (the default: 6 FID_ref_2x points better on the demo, bench/RESULTS.md).",
     )
     overlap: int = Field(
         2, ge=0, description="Latent cells by which neighbouring detail tiles overlap, their seams blended (0: none)."

@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.highres import cut_tiles, generate_highres, join_tiles, tile_starts
+from pipeline.highres import HighresConfig, cut_tiles, generate_highres, join_tiles, tile_starts
 from pipeline.params import load_params
 from pipeline.tokenizer import load_tokenizer
 from pipeline.transformer import load_transformer
@@ -62,7 +62,8 @@ def test_highres_doubles_the_side_upsamples_the_sampled_base_and_adds_tile_detai
     tokenizer, _ = load_tokenizer(config["tokenizer"])
     sampling = load_params(Path("params.yaml")).transformer.sampling
     labels = torch.tensor([0, 5])
-    result = generate_highres(model, tokenizer, labels, sampling, scale=2)
+    latent = HighresConfig(space="latent")
+    result = generate_highres(model, tokenizer, labels, sampling, scale=2, cfg=latent)
     side = result.plain_N3HW.shape[-1]
     assert result.images_N3HW.shape == (2, 3, 2 * side, 2 * side)
 
@@ -72,11 +73,16 @@ def test_highres_doubles_the_side_upsamples_the_sampled_base_and_adds_tile_detai
         return zero_NChw, zero_NChw
 
     monkeypatch.setattr(highres, "generate_tiles", no_tile_detail)
-    no_detail = generate_highres(model, tokenizer, labels, sampling, scale=2)
+    no_detail = generate_highres(model, tokenizer, labels, sampling, scale=2, cfg=latent)
     base = tokenizer.compose(generate(model, tokenizer, labels, sampling), model.layout.num_base)
     upsampled = torch.nn.functional.interpolate(base, scale_factor=2, mode="bicubic")
     torch.testing.assert_close(no_detail.images_N3HW, tokenizer.decode(upsampled).clamp(0, 1))
     assert not torch.allclose(result.images_N3HW, no_detail.images_N3HW)  # the tiles' detail maps add to it
+    # In pixel space (the default) the base is decoded, upsampled as an image and encoded again at 2×.
+    pixel_no_detail = generate_highres(model, tokenizer, labels, sampling, scale=2)
+    enlarged = torch.nn.functional.interpolate(tokenizer.decode(base).clamp(0, 1), scale_factor=2, mode="bicubic")
+    reencoded = tokenizer.encode(enlarged.clamp(0, 1))
+    torch.testing.assert_close(pixel_no_detail.images_N3HW, tokenizer.decode(reencoded).clamp(0, 1))
 
 
 def test_tiles_are_batched_tile_major_and_join_back_exactly():
