@@ -143,8 +143,9 @@ def fid_order_figure(table: list[dict[str, Any]], path: str | os.PathLike) -> No
 
     series: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in table:
-        series[", ".join(f"{k}={v}" for k, v in row["differs"].items()) or "runs"].append(row)
-    fig = Figure(figsize=(5.5, 3.8), layout="constrained")
+        # Short names (the last part of each key): the full ones are in `cart experiments`' table.
+        series[", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in row["differs"].items()) or "runs"].append(row)
+    fig = Figure(figsize=(7.5, 4.2 + 0.22 * len(series)), layout="constrained")
     ax = fig.subplots()
     for name, rows in series.items():
         rows = sorted(rows, key=lambda r: r["order"])
@@ -160,6 +161,6 @@ def fid_order_figure(table: list[dict[str, Any]], path: str | os.PathLike) -> No
     ax.set_xlabel("decomposition order n (0 = VAR)")
     ax.set_ylabel("FID (reference network) ↓")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1, frameon=False)
     ax.set_title("FID against decomposition order (dvc exp; mean ± std over seeds)", fontsize=9)
     _save(fig, path)
