@@ -494,6 +494,10 @@ def train_tokenizers(
         if cfg.init_from:
             copied = init_tokenizer_from(model, cfg.init_from)
             log(f"{variant.name}: copied from {cfg.init_from}: {', '.join(copied)}")
+        if cfg.frozen:
+            log(f"{variant.name}: frozen (tokenizer.frozen), not trained")
+            models[variant.name] = model.eval()
+            continue
         task = TokenizerTask(
             model,
             cfg.loss,
@@ -508,10 +512,7 @@ def train_tokenizers(
         fingerprint = atomic.fingerprint(
             variant.name, variant.order, dataclasses.asdict(variant.model), settings, inputs
         )
-        if cfg.frozen:
-            log(f"{variant.name}: frozen (tokenizer.frozen), not trained")
-        else:
-            train(task, cfg.train, train_loader.epoch, run, fingerprint, batches_per_epoch=per_epoch, progress=progress)
+        train(task, cfg.train, train_loader.epoch, run, fingerprint, batches_per_epoch=per_epoch, progress=progress)
         models[variant.name] = model.eval()
     if not dist_from_env().is_main:
         return results
