@@ -125,7 +125,12 @@ def build_on_meta(params, classes: int):
     with torch.device("meta"):
         tokenizer = Tokenizer(model, params.decompose.order)
         transformer = CART(
-            params.transformer.model, tokenizer.layout, classes, model.codebook_size, model.latent_channels
+            params.transformer.model,
+            tokenizer.layout,
+            classes,
+            model.codebook_size,
+            model.latent_channels,
+            clusters=params.transformer.coarse.clusters,
         )
     return tokenizer, transformer
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from pipeline.coarse import FineHead
 from pipeline.config import Field, section
 from pipeline.tokenizer import Tokenizer, TokenLayout
 from pipeline.weights import load_config, load_state, save_weights
@@ -223,7 +224,11 @@ def block_causal_mask(lengths: list[int]) -> torch.Tensor:
 
 
 class CART(nn.Module):
-    """Class-conditional decoder-only transformer over a ``TokenLayout``: logits over the codebook per token."""
+    """Class-conditional decoder-only transformer over a ``TokenLayout``: logits over the codebook per token.
+
+    With ``clusters`` > 0 (coarse-to-fine prediction, ``pipeline.coarse``) the head's logits are over the coarse
+    labels and ``self.fine`` predicts the code given its label.
+    """
 
     def __init__(
         self,
@@ -232,6 +237,7 @@ class CART(nn.Module):
         num_classes: int,
         codebook_size: int,
         latent_channels: int,
+        clusters: int = 0,
     ):
         super().__init__()
         self.cfg, self.layout = cfg, layout
@@ -255,7 +261,8 @@ class CART(nn.Module):
         self.ada_lin = nn.Linear(C, (6 * cfg.depth + 2) * C)
         rates = torch.linspace(0, cfg.resolved_drop_path, cfg.depth, device="cpu").tolist()  # VAR's linear rule
         self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
-        self.head = nn.Linear(C, codebook_size)
+        self.head = nn.Linear(C, clusters or codebook_size)
+        self.fine = FineHead(C, codebook_size, clusters) if clusters else None
         # Training recomputes each block's activations in the backward pass instead of keeping them (set by the
         # training task; not part of the architecture or the weights).
         self.checkpoint_activations = False
@@ -281,6 +288,8 @@ class CART(nn.Module):
         C, depth = cfg.resolved_width, cfg.depth
         with torch.no_grad():
             self.head.weight.mul_(cfg.init_head)
+            if self.fine is not None:
+                self.fine.fc2.weight.mul_(cfg.init_head)
             factor_K = torch.full((6 * depth + 2,), cfg.init_adaln)
             factor_K[: 6 * depth].view(depth, 6)[:, :2] = cfg.init_gate  # gate1, gate2 of every block
             self.ada_lin.weight.view(6 * depth + 2, C, C).mul_(factor_K.view(-1, 1, 1))
@@ -331,12 +340,18 @@ class CART(nn.Module):
 
     # -- teacher forcing ---------------------------------------------------------------------------------------
 
-    def forward(self, label_B: torch.Tensor, x_BlC: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, label_B: torch.Tensor, x_BlC: torch.Tensor, coarse_BL: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing: logits_BLV of every token from the class and the inputs of maps 1 … M−1.
 
         ``x_BlC`` is ``teacher_forcing_inputs``; the inputs of maps 1 … m only (any whole-map prefix) give the
         logits of maps 0 … m, the same as the full sequence would (the mask is block-causal). Next-token
         prediction reads the code vectors of tokens 0 … L−2 and any prefix of them.
+
+        Coarse-to-fine, the logits are over the coarse labels (logits_BLK); given every token's label
+        ``coarse_BL``, the fine head's logits come too, in the same call (DDP sees one forward): (logits_BLK,
+        fine_BLV), the fine ones not yet restricted to the label's codes (``FineHead.restrict``).
         """
         if self.training and self.cfg.class_dropout > 0:
             dropped_B = torch.rand(label_B.shape, device=label_B.device) < self.cfg.class_dropout
@@ -348,18 +363,26 @@ class CART(nn.Module):
         cond_BC, mod_B1KC = self.condition(label_B)
         with torch.autocast(x_BlC.device.type, enabled=False):  # embeddings in fp32 whatever the precision, as VAR
             x_BLC = torch.cat([self.start_tokens(cond_BC), self.input_embed(x_BlC) + self.position(L0, L)], dim=1)
-        return self.head(self.trunk(x_BLC, mod_B1KC, self.mask_LL[:L, :L]))
+        h_BLC = self.trunk(x_BLC, mod_B1KC, self.mask_LL[:L, :L])
+        if coarse_BL is None:
+            return self.head(h_BLC)
+        return self.head(h_BLC), self.fine(h_BLC, coarse_BL)
 
 
 def forward_flops(model: CART, trunk_rows: int, head_rows: int) -> float:
     """Forward FLOPs of whole sequences: 2 per weight each token multiplies (not the per-image class and AdaLN
-    weights) plus QKᵀ and AV over the keys each query may see; the head runs on ``head_rows`` of them.
+    weights) plus QKᵀ and AV over the keys each query may see; the head runs on ``head_rows`` of them, a
+    coarse-to-fine model's fine head on every trunk row (guidance mixes its logits, not its input).
     Training costs 3× the forward of its batch (forward and twice that backward)."""
     layout, C, depth = model.layout, model.cfg.resolved_width, model.cfg.depth
     trunk = sum(p.numel() for m in [*model.blocks, model.input_embed] for p in m.parameters() if p.ndim == 2)
     visible = int(model.mask_LL.sum())  # query-key pairs the mask lets through
     per_sequence = 2 * trunk * layout.num_tokens + 4 * C * visible * depth
-    return trunk_rows * per_sequence + head_rows * 2 * model.head.weight.numel() * layout.num_tokens
+    fine = 0 if model.fine is None else sum(m.weight.numel() for m in (model.fine.fc1, model.fine.fc2))
+    return (
+        trunk_rows * (per_sequence + 2 * fine * layout.num_tokens)
+        + head_rows * 2 * model.head.weight.numel() * layout.num_tokens
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -406,6 +429,31 @@ def sample_tokens(logits_BlV: torch.Tensor, cfg: SamplingConfig, generator: torc
     return idx_N1.view(B, l)
 
 
+def draw_codes(
+    model: CART, h_BlC: torch.Tensor, weight: float | None, cfg: SamplingConfig, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One code per token from the trunk's output (guided: the conditional rows, then the unconditional ones, mixed
+    with guidance ``weight``): idx_Bl.
+
+    The head is affine, so guiding its input guides the logits (uncond + w·(cond − uncond)) at half the cost of a
+    head over both halves. Coarse-to-fine, the head draws the coarse label and the fine head, given it, the code;
+    the fine head is not affine in h, so its logits are guided themselves, from both halves.
+    """
+    if weight is None:
+        guided_BlC = h_BlC
+    else:
+        cond_BlC, uncond_BlC = h_BlC.chunk(2)
+        guided_BlC = torch.lerp(uncond_BlC, cond_BlC, weight)
+    drawn_Bl = sample_tokens(model.head(guided_BlC), cfg, generator)
+    if model.fine is None:
+        return drawn_Bl
+    fine_BlV = model.fine(h_BlC, drawn_Bl if weight is None else drawn_Bl.repeat(2, 1))
+    if weight is not None:
+        cond_BlV, uncond_BlV = fine_BlV.chunk(2)
+        fine_BlV = torch.lerp(uncond_BlV, cond_BlV, weight)
+    return sample_tokens(model.fine.restrict(fine_BlV, drawn_Bl), cfg, generator)
+
+
 @torch.no_grad()
 def generate(
     model: CART,
@@ -443,12 +491,8 @@ def generate(
         if m < len(prefix):
             idx_Bhw = prefix[m]
         else:
-            if guided:
-                # The head is affine, so guiding its input guides the logits (uncond + w·(cond − uncond)) at half
-                # the cost of a head over both halves.
-                cond_BlC, uncond_BlC = h_BlC.chunk(2)
-                h_BlC = torch.lerp(uncond_BlC, cond_BlC, guidance_weight(cfg, m, layout.num_maps))
-            idx_Bhw = sample_tokens(model.head(h_BlC), cfg, generator).view(B, token_map.side, token_map.side)
+            weight = guidance_weight(cfg, m, layout.num_maps) if guided else None
+            idx_Bhw = draw_codes(model, h_BlC, weight, cfg, generator).view(B, token_map.side, token_map.side)
         indices.append(idx_Bhw)
         if on_map is not None:
             on_map(m, list(indices))
@@ -489,10 +533,8 @@ def _generate_tokens(
     drawn: list[torch.Tensor] = []
     for i in range(layout.num_tokens):
         h_B1C = model.trunk(x_B1C, mod_B1KC, None, caches)
-        if guided:
-            cond_B1C, uncond_B1C = h_B1C.chunk(2)
-            h_B1C = torch.lerp(uncond_B1C, cond_B1C, guidance_weight(cfg, map_of_token[i], layout.num_maps))
-        drawn.append(sample_tokens(model.head(h_B1C), cfg, generator))
+        weight = guidance_weight(cfg, map_of_token[i], layout.num_maps) if guided else None
+        drawn.append(draw_codes(model, h_B1C, weight, cfg, generator))
         if i + 1 == layout.num_tokens:
             break
         z_B1C = tokenizer.codebook.weight.detach()[drawn[-1]]
@@ -523,6 +565,8 @@ def save_transformer(stem: str | Path, model: CART, extra: dict | None = None) -
         "codebook_size": model.codebook_size,
         "latent_channels": model.latent_channels,
         "layout": layout.to_json(),
+        # Coarse-to-fine: the coarse label of every code, i.e. the clustering the head was trained with.
+        **({"coarse_labels": model.fine.cluster_V.tolist()} if model.fine is not None else {}),
         **(extra or {}),
     }
     save_weights(stem, model, config)
@@ -546,12 +590,16 @@ def load_transformer(stem: str | Path, device: torch.device | str = "cpu") -> tu
     """The transformer saved at ``stem`` (in eval mode) and its config."""
     config = load_config(stem)
     layout = TokenLayout.from_json(config["layout"])
+    coarse_V = torch.tensor(config["coarse_labels"]) if "coarse_labels" in config else None
     model = CART(
         TransformerModelConfig(**config["model"]),
         layout,
         config["num_classes"],
         config["codebook_size"],
         config["latent_channels"],
+        clusters=0 if coarse_V is None else int(coarse_V.max()) + 1,
     )
+    if coarse_V is not None:
+        model.fine.set_clusters(coarse_V)
     model.load_state_dict(load_state(stem, device))
     return model.to(device).eval(), config

@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import atomic
-from pipeline.config import Field, section
+from pipeline.coarse import CoarseConfig, codebook_clusters
+from pipeline.config import ConfigError, Field, section
 from pipeline.progress import Progress
+from pipeline.self_correction import SelfCorrectionConfig, self_correct
 from pipeline.tokenizer import Tokenizer, TokenLayout, load_tokenizer
 from pipeline.tokens import decode_token_sample, layout_from_manifest, split_maps
 from pipeline.train import Phase, RunPaths, TrainConfig, adamw, decay_groups, ema_copy, ema_update
@@ -51,6 +53,10 @@ class TransformerTrainConfig(TrainConfig):
         "checkpointing): about a third more compute for the memory of one block's activations (deep models, large "
         "batches). Same gradients.",
     )
+    self_correction: SelfCorrectionConfig = Field(
+        default_factory=SelfCorrectionConfig,
+        description="Self-correction (DetailFlow): perturb a map, train the later maps to steer back.",
+    )
 
 
 @section
@@ -58,7 +64,11 @@ class TransformerConfig:
     model: TransformerModelConfig = Field(default_factory=TransformerModelConfig, description="Architecture.")
     train: TransformerTrainConfig = Field(
         default_factory=lambda: TransformerTrainConfig(weight_decay=0.05, beta1=0.9, beta2=0.95),
-        description="Optimisation (AdamW β = (0.9, 0.95), weight decay 0.05 as in VAR), EMA, activation checkpointing.",
+        description="Optimisation (AdamW β = (0.9, 0.95), weight decay 0.05 as in VAR), EMA, activation "
+        "checkpointing, self-correction.",
+    )
+    coarse: CoarseConfig = Field(
+        default_factory=CoarseConfig, description="Coarse-to-fine prediction over k-means clusters of the codebook."
     )
     sampling: SamplingConfig = Field(
         default_factory=SamplingConfig, description="How `cart sample` and `evaluate` draw images by default."
@@ -69,6 +79,13 @@ class TransformerConfig:
         "tensor whose name and shape fit is copied, position and level embeddings for the maps both layouts "
         "share, the rest starts fresh (both lists are printed). The width must match.",
     )
+
+    def __post_init__(self):
+        if self.train.self_correction.p > 0 and self.model.prediction != "next_map":
+            raise ValueError(
+                f"train.self_correction.p = {self.train.self_correction.p} needs model.prediction: next_map (the "
+                f"perturbation is of a whole map, corrected by the maps after it; next_token has one token per step)"
+            )
 
 
 def map_names(layout: TokenLayout) -> list[str]:
@@ -86,9 +103,22 @@ class TransformerTask:
     so that checkpoints hold it and a resumed run continues it exactly.
     """
 
-    def __init__(self, model: CART, tokenizer: Tokenizer, val_batches: Callable[[], Iterator], ema_decay: float = 0.0):
+    def __init__(
+        self,
+        model: CART,
+        tokenizer: Tokenizer,
+        val_batches: Callable[[], Iterator],
+        ema_decay: float = 0.0,
+        self_correction: SelfCorrectionConfig | None = None,
+    ):
         self.model, self.tokenizer, self.val_batches = model, tokenizer.requires_grad_(False).eval(), val_batches
         self.ema_decay = ema_decay
+        self.self_correction = self_correction or SelfCorrectionConfig()
+        if self.self_correction.p > 0 and model.layout.num_maps < 2:
+            raise ConfigError(
+                "transformer.train.self_correction",
+                [f"transformer.train.self_correction.p = {self.self_correction.p}: one token map has no later map"],
+            )
         self.ema: CART | None = ema_copy(model) if ema_decay > 0 else None
         self.net: torch.nn.Module = model
         self.names = map_names(model.layout)
@@ -119,11 +149,16 @@ class TransformerTask:
 
     def loss(self, batch, step: int):
         idx_BL, label_B = batch
-        logits_BLV = self.net(label_B, self.inputs(idx_BL))
-        loss_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), idx_BL, reduction="none")
-        logs = {"loss": loss_BL.mean().item()}
+        if self.self_correction.p > 0:
+            inputs, targets = self_correct(self.tokenizer, split_maps(idx_BL, self.model.layout), self.self_correction)
+            x_BlC = teacher_forcing_inputs(self.model, self.tokenizer, inputs)
+            idx_BL = torch.cat([idx.flatten(1) for idx in targets], dim=1)
+        else:
+            x_BlC = self.inputs(idx_BL)
+        loss_BL, correct_BL, parts = token_losses(self.net, self.model, label_B, x_BlC, idx_BL)
+        logs = {"loss": loss_BL.mean().item()} | {k: v.item() for k, v in parts.items()}
         with torch.no_grad():
-            logs |= self._per_map(loss_BL, logits_BLV.argmax(-1) == idx_BL)
+            logs |= self._per_map(loss_BL, correct_BL)
         return loss_BL.mean(), logs
 
     def _per_map(self, loss_BL: torch.Tensor, correct_BL: torch.Tensor) -> dict[str, float]:
@@ -146,6 +181,30 @@ class TransformerTask:
         return {f"val/{k}": v for k, v in evaluate_transformer(self.model, self.tokenizer, self.val_batches()).items()}
 
 
+def token_losses(
+    net: torch.nn.Module, model: CART, label_B: torch.Tensor, x_BlC: torch.Tensor, idx_BL: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Per token, the loss and whether the greedy prediction is the target: (loss_BL, correct_BL, parts).
+
+    ``net`` is ``model`` or its DDP wrapper. Coarse-to-fine, the loss is the coarse label's CE plus the fine code's
+    CE given the true label, i.e. −log p(label)·p(code | label), the code's NLL as the plain head's; the greedy
+    prediction (likeliest label, then its likeliest code) is right exactly when both argmaxes are; ``parts`` holds
+    the mean of each term.
+    """
+    if model.fine is None:
+        logits_BLV = net(label_B, x_BlC)
+        loss_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), idx_BL, reduction="none")
+        return loss_BL, logits_BLV.argmax(-1) == idx_BL, {}
+    coarse_BL = model.fine.cluster_V[idx_BL]
+    logits_BLK, fine_BLV = net(label_B, x_BlC, coarse_BL)
+    fine_BLV = model.fine.restrict(fine_BLV.float(), coarse_BL)
+    coarse_loss_BL = F.cross_entropy(logits_BLK.float().transpose(1, 2), coarse_BL, reduction="none")
+    fine_loss_BL = F.cross_entropy(fine_BLV.transpose(1, 2), idx_BL, reduction="none")
+    correct_BL = (logits_BLK.argmax(-1) == coarse_BL) & (fine_BLV.argmax(-1) == idx_BL)
+    parts = {"loss_coarse": coarse_loss_BL.detach().mean(), "loss_fine": fine_loss_BL.detach().mean()}
+    return coarse_loss_BL + fine_loss_BL, correct_BL, parts
+
+
 @torch.no_grad()
 def evaluate_transformer(model: CART, tokenizer: Tokenizer, batches: Iterator) -> dict[str, float]:
     """Teacher-forced val loss and token accuracy, overall and per map, with the true labels (no dropout)."""
@@ -158,11 +217,9 @@ def evaluate_transformer(model: CART, tokenizer: Tokenizer, batches: Iterator) -
     count = 0
     for idx_BL, label_B in batches:
         idx_BL, label_B = idx_BL.to(device), label_B.to(device)
-        logits_BLV = model(label_B, task.inputs(idx_BL))
-        loss_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), idx_BL, reduction="none")
-        correct_BL = logits_BLV.argmax(-1) == idx_BL
+        loss_BL, correct_BL, parts = token_losses(model, model, label_B, task.inputs(idx_BL), idx_BL)
         batch = {"loss": loss_BL.mean().item(), "acc": correct_BL.float().mean().item()}
-        batch |= task._per_map(loss_BL, correct_BL)
+        batch |= {k: v.item() for k, v in parts.items()} | task._per_map(loss_BL, correct_BL)
         for k, v in batch.items():
             sums[k] = sums.get(k, 0.0) + v * len(label_B)
         count += len(label_B)
@@ -242,15 +299,34 @@ class TransformerPaths:
     metrics: Path  # metrics/transformer.json
 
 
-def build_model(cfg: TransformerModelConfig, manifest: dict[str, Any], seed: int) -> CART:
+def build_model(
+    cfg: TransformerModelConfig, manifest: dict[str, Any], seed: int, coarse_V: torch.Tensor | None = None
+) -> CART:
+    """The transformer to train, initialised from ``seed``; with ``coarse_V`` (the coarse label of every code) a
+    coarse-to-fine one."""
     torch.manual_seed(seed)
-    return CART(
+    model = CART(
         cfg,
         layout_from_manifest(manifest),
         len(manifest["classes"]),
         manifest["codebook_size"],
         manifest["latent_channels"],
+        clusters=0 if coarse_V is None else int(coarse_V.max()) + 1,
     )
+    if coarse_V is not None:
+        model.fine.set_clusters(coarse_V)
+    return model
+
+
+def run_settings(cfg: TransformerConfig) -> dict[str, Any]:
+    """The params a run's checkpoint fingerprint hashes. Options that are off are left out, so that a run without
+    them keeps the fingerprint it had before they existed (and resumes from its checkpoints)."""
+    settings = {"model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train)}
+    if not cfg.train.self_correction.p:
+        del settings["train"]["self_correction"]
+    if cfg.coarse.clusters:
+        settings["coarse"] = dataclasses.asdict(cfg.coarse)
+    return settings
 
 
 def train_transformer(
@@ -280,17 +356,22 @@ def train_transformer(
     count = manifest["splits"]["train"]["count"]
     train_loader, per_epoch = shard_training_loader(train_urls, decode_token_sample, count, cfg.train)
     val_loader = ShardLoader(val_urls, decode_token_sample, batch_size=128, shuffle=False)
-    model = build_model(cfg.model, manifest, cfg.train.seed)
+    # Coarse-to-fine: the clusters of the codebook this tokenizer trained, computed once (deterministic by seed).
+    coarse_V = None
+    if cfg.coarse.clusters:
+        coarse_V = codebook_clusters(tokenizer.codebook.weight, cfg.coarse.clusters, cfg.train.seed)
+    model = build_model(cfg.model, manifest, cfg.train.seed, coarse_V)
     if cfg.init_from:
         report = init_transformer_from(model, cfg.init_from)
         log(f"copied from {cfg.init_from}: {', '.join(report.copied + report.partly) or 'nothing'}")
         log(f"initialised fresh: {', '.join(report.fresh) or 'nothing'}")
     # The untrained model's val loss is the reference for "val loss falls on every map".
     before = evaluate_transformer(model, tokenizer, iter(val_loader.epoch(0))) if dist_from_env().is_main else {}
-    task = TransformerTask(model, tokenizer, lambda: iter(val_loader.epoch(0)), cfg.train.ema_decay)
-    settings = {"model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train)}
+    task = TransformerTask(
+        model, tokenizer, lambda: iter(val_loader.epoch(0)), cfg.train.ema_decay, cfg.train.self_correction
+    )
     fingerprint = atomic.fingerprint(
-        settings,
+        run_settings(cfg),
         atomic.files_fingerprint(paths.tokens),
         atomic.files_fingerprint(paths.tokenizer.parent),
         init_fingerprint(cfg.init_from),
@@ -324,6 +405,7 @@ def train_transformer(
         "tokens": model.layout.num_tokens,
         "maps": model.layout.num_maps,
         "train_flops_per_image": 3 * forward_flops(model, 1, 1),
+        **({"coarse_clusters": model.fine.clusters} if model.fine is not None else {}),
     }
     atomic.write_json(paths.metrics, result)
     return result

@@ -405,6 +405,8 @@ def export_var(tokenizer_stem: Path, transformer_stem: Path | None, out: Path) -
         transformer, _ = load_transformer(transformer_stem)
         if transformer.layout.lengths != tokenizer.layout.lengths:
             raise CheckpointError(f"{transformer_stem}: its token layout is not {tokenizer_stem}'s")
+        if transformer.fine is not None:
+            raise CheckpointError(f"{transformer_stem}: a coarse-to-fine head, which VAR's code has no place for")
         t = transformer.cfg
         config["var"] = {
             "num_classes": transformer.num_classes,

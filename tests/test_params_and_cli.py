@@ -67,6 +67,36 @@ def test_invalid_value_exits_2_naming_the_key(tmp_path, monkeypatch, override, e
     assert not (tmp_path / "data").exists()  # nothing written
 
 
+@pytest.mark.parametrize(
+    ("transformer", "expected"),
+    [
+        ({"coarse": {"clusters": 1}}, "clusters = 1: one cluster is the plain head"),
+        ({"coarse": {"clusters": -2}}, "transformer.coarse.clusters = -2"),
+        ({"train": {"self_correction": {"p": 1.5}}}, "transformer.train.self_correction.p = 1.5"),
+        ({"train": {"self_correction": {"ratio": 0.0}}}, "transformer.train.self_correction.ratio = 0.0"),
+        (
+            {"train": {"self_correction": {"p": 0.5}}, "model": {"prediction": "next_token"}},
+            "train.self_correction.p = 0.5 needs model.prediction: next_map",
+        ),
+    ],
+)
+def test_bad_coarse_to_fine_and_self_correction_values_exit_2_naming_the_key(
+    tmp_path, monkeypatch, transformer, expected
+):
+    values = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, keys in transformer.items():
+        for key, value in keys.items():
+            if isinstance(value, dict):
+                values["transformer"][section][key].update(value)
+            else:
+                values["transformer"][section][key] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(values))
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train-transformer", "--params", "params.yaml"])
+    assert result.exit_code == 2, result.output
+    assert expected in " ".join(result.output.split())
+
+
 def test_scientific_notation_reads_as_a_float_like_dvc_does(tmp_path):
     from pipeline.params import _Loader
 

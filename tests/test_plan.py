@@ -95,6 +95,21 @@ def test_checkpointing_activations_shrinks_the_memory_estimate_and_charges_a_rec
     assert training[1]["flops_per_image"] == pytest.approx(training[0]["flops_per_image"] * 4 / 3)
 
 
+def test_the_plan_counts_the_coarse_to_fine_head(tmp_path):
+    values = yaml.safe_load(PRESETS["cart"].read_text())
+    values["transformer"]["coarse"]["clusters"] = 64
+    (tmp_path / "ctf.yaml").write_text(yaml.safe_dump(values))
+    plan = plan_json(tmp_path / "ctf.yaml")
+    with torch.device("meta"):
+        model = CART(TransformerModelConfig(depth=16), TokenLayout(VAR_256_SCALES, 3, 1, "append"), 1000, 4096, 32, 64)
+    assert plan["transformer_parameters"] == sum(p.numel() for p in model.parameters())
+    assert (
+        plan["transformer_train_flops"]
+        == 3 * forward_flops(model, 1, 1)
+        > plan_json(PRESETS["cart"])["transformer_train_flops"]
+    )
+
+
 def saved_bytes(block: Block, batch: int, tokens: int, width: int) -> int:
     """Bytes of the tensors autograd keeps for one block's backward (each storage once)."""
     x_BLC = torch.randn(batch, tokens, width, requires_grad=True)

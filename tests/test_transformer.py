@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from pipeline.coarse import codebook_clusters
 from pipeline.tokenizer import Tokenizer, TokenizerModelConfig
 from pipeline.train import decay_groups
 from pipeline.transformer import (
@@ -44,10 +45,15 @@ def make_tokenizer(order: int = 1) -> Tokenizer:
     return tokenizer
 
 
-def make_model(tokenizer: Tokenizer, seed: int = 0, **changes) -> CART:
+def make_model(tokenizer: Tokenizer, seed: int = 0, clusters: int = 0, **changes) -> CART:
+    """A tiny transformer; with ``clusters`` a coarse-to-fine one over k-means clusters of the tokenizer's codes."""
     torch.manual_seed(seed)
     cfg = dataclasses.replace(TINY, **changes)
-    model = CART(cfg, tokenizer.layout, NUM_CLASSES, TOKENIZER.codebook_size, TOKENIZER.latent_channels).eval()
+    model = CART(
+        cfg, tokenizer.layout, NUM_CLASSES, TOKENIZER.codebook_size, TOKENIZER.latent_channels, clusters=clusters
+    ).eval()
+    if clusters:
+        model.fine.set_clusters(codebook_clusters(tokenizer.codebook.weight, clusters, seed=0))
     # VAR's init starts every block as near-identity (gates ≈ 1e-5); shake the weights so that attention carries
     # real signal between maps and the claims below cannot hold vacuously.
     with torch.no_grad():
@@ -141,9 +147,18 @@ def test_class_dropout_replaces_labels_by_the_unconditional_class_in_training_on
     torch.testing.assert_close(model(label_B, x_BlC), model.eval()(label_B, x_BlC))
 
 
+def guide(logits: torch.Tensor, w: float | None) -> torch.Tensor:
+    """uncond + w·(cond − uncond) on the logits of the conditional rows followed by the unconditional ones."""
+    if w is None:
+        return logits
+    cond, uncond = logits.chunk(2)
+    return uncond + w * (cond - uncond)
+
+
 def reference_sample(model: CART, tokenizer: Tokenizer, label_B, cfg: SamplingConfig, generator, prefix=()) -> list:
     """No cache: for every map, the full model on the prefix sampled so far, its inputs rebuilt from the codes, and
-    guidance applied to the logits: uncond + w·(cond − uncond)."""
+    guidance applied to the logits: uncond + w·(cond − uncond). Coarse-to-fine, that draws the labels; the codes
+    are drawn from the fine logits given them, guided too."""
     layout, B = model.layout, len(label_B)
     guided = cfg.guidance != 1.0
     labels = torch.cat([label_B, torch.full_like(label_B, NUM_CLASSES)]) if guided else label_B
@@ -153,15 +168,23 @@ def reference_sample(model: CART, tokenizer: Tokenizer, label_B, cfg: SamplingCo
             tokenizer.next_input(tokenizer.compose(indices, k), k).flatten(2).transpose(1, 2) for k in range(1, m + 1)
         ]
         x_BlC = torch.cat(inputs, dim=1) if inputs else torch.zeros(B, 0, TOKENIZER.latent_channels)
-        logits_BLV = model(labels, x_BlC.repeat(2, 1, 1) if guided else x_BlC)
-        logits_BlV = logits_BLV[:, layout.offsets[m] :]
-        if guided:
-            cond, uncond = logits_BlV.chunk(2)
-            logits_BlV = uncond + guidance_weight(cfg, m, layout.num_maps) * (cond - uncond)
-        indices.append(sample_tokens(logits_BlV, cfg, generator).view(B, token_map.side, -1))
+        x_BlC = x_BlC.repeat(2, 1, 1) if guided else x_BlC
+        w, start, end = (
+            guidance_weight(cfg, m, layout.num_maps) if guided else None,
+            layout.offsets[m],
+            layout.offsets[m + 1],
+        )
+        idx_Bl = sample_tokens(guide(model(labels, x_BlC)[:, start:], w), cfg, generator)
+        if model.fine is not None:
+            coarse_BL = torch.zeros(len(labels), end, dtype=torch.long)  # earlier tokens' labels: any (unread)
+            coarse_BL[:, start:] = idx_Bl.repeat(len(labels) // B, 1)
+            fine_BlV = guide(model(labels, x_BlC, coarse_BL)[1][:, start:], w)
+            idx_Bl = sample_tokens(model.fine.restrict(fine_BlV, idx_Bl), cfg, generator)
+        indices.append(idx_Bl.view(B, token_map.side, -1))
     return indices
 
 
+@pytest.mark.parametrize("clusters", [0, 4])  # 4: coarse-to-fine prediction
 @pytest.mark.parametrize(
     "order, cfg",
     [
@@ -171,11 +194,11 @@ def reference_sample(model: CART, tokenizer: Tokenizer, label_B, cfg: SamplingCo
         (0, SamplingConfig(guidance=2.5, top_k=20)),
     ],
 )
-def test_kv_cached_sampling_draws_exactly_the_tokens_of_the_uncached_model(order, cfg):
+def test_kv_cached_sampling_draws_exactly_the_tokens_of_the_uncached_model(order, cfg, clusters):
     torch.set_default_dtype(torch.float64)  # cached and uncached logits then agree to ~1e-15: no draw can flip
     try:
         tokenizer = make_tokenizer(order).double()
-        model = make_model(tokenizer).double()
+        model = make_model(tokenizer, clusters=clusters).double()
         label_B = torch.tensor([0, 1, 2, 3, 4, 0])
         cached = generate(model, tokenizer, label_B, cfg, torch.Generator().manual_seed(7))
         uncached = reference_sample(model, tokenizer, label_B, cfg, torch.Generator().manual_seed(7))
@@ -362,7 +385,8 @@ def test_init_from_copies_what_fits_and_the_embeddings_of_the_shared_maps(tmp_pa
         init_transformer_from(narrow, tmp_path / "var")
 
 
-def test_next_token_prediction_is_token_causal_and_its_cached_sampling_matches_the_full_model():
+@pytest.mark.parametrize("clusters", [0, 4])  # 4: coarse-to-fine, the CTF paper's own (raster-order) setting
+def test_next_token_prediction_is_token_causal_and_its_cached_sampling_matches_the_full_model(clusters):
     """The Table-3 'AR' row: one full-resolution map, raster order, each token reading the code before it."""
     from pipeline.transformer import teacher_forcing_inputs
 
@@ -371,7 +395,7 @@ def test_next_token_prediction_is_token_causal_and_its_cached_sampling_matches_t
         tokenizer = Tokenizer(dataclasses.replace(TOKENIZER, scales=[4]), 0).eval()
         with torch.no_grad():
             tokenizer.codebook.weight.normal_(0, 0.5)
-        model = make_model(tokenizer, prediction="next_token")
+        model = make_model(tokenizer, clusters=clusters, prediction="next_token")
         indices = random_indices(tokenizer, 3)
         x_BlC = teacher_forcing_inputs(model, tokenizer, indices)
         assert x_BlC.shape == (3, 15, TOKENIZER.latent_channels)
@@ -388,9 +412,13 @@ def test_next_token_prediction_is_token_causal_and_its_cached_sampling_matches_t
         g, drawn = torch.Generator().manual_seed(3), torch.zeros(3, 0, dtype=torch.long)
         for i in range(16):
             x = tokenizer.codebook.weight[drawn]  # codes drawn so far (the input of token i + 1 is token i's)
-            both = model(torch.cat([label_B, torch.full_like(label_B, NUM_CLASSES)]), x.repeat(2, 1, 1))[:, i : i + 1]
-            cond, uncond = both.chunk(2)
-            drawn = torch.cat([drawn, sample_tokens(uncond + 2.0 * (cond - uncond), cfg, g)], dim=1)
+            labels, x = torch.cat([label_B, torch.full_like(label_B, NUM_CLASSES)]), x.repeat(2, 1, 1)
+            idx_B1 = sample_tokens(guide(model(labels, x)[:, i : i + 1], 2.0), cfg, g)
+            if clusters:  # that was the label; the code given it
+                coarse_BL = torch.cat([torch.zeros(6, i, dtype=torch.long), idx_B1.repeat(2, 1)], dim=1)
+                fine_B1V = guide(model(labels, x, coarse_BL)[1][:, i : i + 1], 2.0)
+                idx_B1 = sample_tokens(model.fine.restrict(fine_B1V, idx_B1), cfg, g)
+            drawn = torch.cat([drawn, idx_B1], dim=1)
     finally:
         torch.set_default_dtype(torch.float32)
     assert cached[0].shape == (3, 4, 4) and torch.equal(cached[0].flatten(1), drawn)

@@ -150,3 +150,28 @@ def test_the_stage_runs_under_torchrun_on_two_processes(tokens):
     assert json.loads(Path("metrics/transformer.json").read_text())["val_loss"] > 0
     (latest,) = (tokens / "models" / "checkpoints" / "transformer").glob("*/latest.json")  # one run, one directory
     assert json.loads(latest.read_text())["step"] == 6
+
+
+def test_coarse_to_fine_with_self_correction_trains_saves_its_clusters_and_samples(tokens):
+    write_params(
+        tokens,
+        {
+            "transformer": {
+                "coarse": {"clusters": 8},
+                "train": {"steps": 4, "self_correction": {"p": 0.5, "ratio": 0.2}},
+            }
+        },
+    )
+    result = runner.invoke(app, ["train-transformer"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(Path("metrics/transformer.json").read_text())
+    model, config = load_transformer("models/transformer/transformer")
+    assert model.fine is not None and metrics["coarse_clusters"] == model.fine.clusters <= 8
+    assert len(config["coarse_labels"]) == model.codebook_size
+    logged = Path("metrics/train_transformer/metrics.json").read_text()
+    assert "loss_coarse" in logged and "loss_fine" in logged
+    grid = runner.invoke(app, ["sample", "--classes", "0,3", "--n", "2", "--out", "grid.png"])
+    assert grid.exit_code == 0, grid.output
+    write_params(tokens, {"transformer": {"coarse": {"clusters": 100000}}})
+    result = runner.invoke(app, ["train-transformer"])
+    assert result.exit_code == 2 and "transformer.coarse.clusters = 100000" in " ".join(result.output.split())
