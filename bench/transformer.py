@@ -3,8 +3,9 @@
     python bench/transformer.py --config var-reference --device cpu --steps 10
     python bench/transformer.py --config d16-256 --device cuda --steps 20
 
-Training step: forward, cross-entropy over every token, backward and a fused AdamW step (--precision: fp32 on CPU
-and bf16 autocast on CUDA by default), on teacher-forcing inputs built by the tokenizer from random codes.
+Training step: forward, cross-entropy over every token, backward and a fused AdamW step (--precision: auto is
+bf16 autocast where bf16 is native, on CUDA and on CPUs with AVX512-BF16 or AMX, else fp32, as in the training
+stages), on teacher-forcing inputs built by the tokenizer from random codes.
 Sampling: ``generate`` for a batch of random labels with VAR's evaluation setting (cfg 1.5, i.e. guidance weight
 2.5, 2B rows per forward; top-k 900, top-p 0.96) for var-reference and d16-256; the time spent in the
 tokenizer's ``map_contribution`` / ``next_input`` is reported separately (on CUDA, each call is synchronised to
@@ -34,7 +35,7 @@ import yaml
 
 from pipeline.sources import DEMO_PHOTOGRAPHS
 from pipeline.tokenizer import Tokenizer, TokenizerModelConfig
-from pipeline.train import decay_groups
+from pipeline.train import decay_groups, uses_bf16
 from pipeline.transformer import CART, SamplingConfig, TransformerModelConfig, forward_flops, generate
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
@@ -172,12 +173,11 @@ def calibrate(device: torch.device) -> float:
 
 
 def autocast(device: torch.device, precision: str):
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision, device))
 
 
 def precision_name(device: torch.device, precision: str) -> str:
-    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
+    return "bf16" if uses_bf16(precision, device) else "fp32"
 
 
 def row(
@@ -284,7 +284,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=120.0, help="Seconds a measurement may take at most.")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model for training steps.")
     parser.add_argument(
-        "--precision", choices=["auto", "fp32", "bf16"], default="auto", help="Autocast: auto is bf16 on CUDA only."
+        "--precision", choices=["auto", "fp32", "bf16"], default="auto", help="Autocast: auto is bf16 where native."
     )
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -43,7 +43,8 @@ def run(task, cfg: TrainConfig, batches: list, root, stop_after: int | None = No
 
 def test_accumulated_micro_batches_make_the_step_of_one_large_batch(tmp_path):
     tokenizer = make_tokenizer()
-    common = dict(steps=3, lr=0.5, warmup_steps=0, grad_clip=0.0, checkpoint_every=100, device="cpu")
+    # fp32: the claim is about the loop's arithmetic; bf16 would round micro-batches and the large batch apart
+    common = dict(steps=3, lr=0.5, warmup_steps=0, grad_clip=0.0, checkpoint_every=100, device="cpu", precision="fp32")
     results = {}
     for name, batch_size, accumulation in (("large", 8, 1), ("accumulated", 2, 4), ("small", 2, 1)):
         model = make_model(tokenizer, class_dropout=0.0, drop_path=0.0)
@@ -133,3 +134,14 @@ def test_activation_checkpointing_keeps_less_and_gives_the_same_gradients():
     assert kept_checkpointed < 0.6 * kept
     for a, b in zip(grads, grads_checkpointed, strict=True):
         assert torch.allclose(a, b, atol=1e-7, rtol=1e-6)
+
+
+def test_auto_precision_is_bf16_where_the_hardware_has_it(monkeypatch):
+    from pipeline.train import uses_bf16
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert uses_bf16("bf16", cpu) and not uses_bf16("fp32", cuda)
+    assert uses_bf16("auto", cuda)
+    for native in (True, False):  # a CPU without AVX512-BF16 / AMX emulates bf16: slower than fp32
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+        assert uses_bf16("auto", cpu) is native
