@@ -9,6 +9,10 @@ detail level its own).
 
 Sampling goes map by map with a KV cache: map m's tokens attend to the cached keys and values of maps < m and to
 one another, so no mask is needed. Classifier-free guidance runs conditional and unconditional rows as one batch.
+
+The head is a softmax over the codebook, or, for a continuous tokenizer, MAR's diffusion head
+(``pipeline.diffusion``): the trunk's output z of a token conditions a small denoiser that draws the token's vector,
+standardised by its map's token RMS. Everything else (inputs, cache, guidance rows) is the same for both.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from pipeline.config import Field, section
+from pipeline.diffusion import DiffusionConfig, DiffusionHead
 from pipeline.tokenizer import Tokenizer, TokenLayout
 from pipeline.weights import load_config, load_state, save_weights
 
@@ -102,7 +107,15 @@ class SamplingConfig:
     )
     top_k: int = Field(0, ge=0, description="Sample among the k likeliest codes (0: all).")
     top_p: float = Field(0.0, ge=0, le=1, description="Nucleus sampling: the likeliest codes covering p (0 or 1: off).")
-    temperature: float = Field(1.0, gt=0, description="Logits are divided by this before filtering.")
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        description="Logits are divided by this before filtering; diffusion head: the noise of every reverse step is "
+        "multiplied by it (MAR's τ).",
+    )
+    diffusion_steps: int = Field(
+        50, ge=1, description="Diffusion head only: reverse steps per token, evenly spaced over the noise levels."
+    )
     seed: int = Field(0, ge=0, description="Seed of the sampling generator when none is passed.")
     weights: Literal["ema", "raw"] = Field(
         "ema",
@@ -223,7 +236,8 @@ def block_causal_mask(lengths: list[int]) -> torch.Tensor:
 
 
 class CART(nn.Module):
-    """Class-conditional decoder-only transformer over a ``TokenLayout``: logits over the codebook per token."""
+    """Class-conditional decoder-only transformer over a ``TokenLayout``: logits over the codebook per token, or
+    with ``diffusion`` (continuous tokens) the condition z of a diffusion head per token."""
 
     def __init__(
         self,
@@ -232,6 +246,7 @@ class CART(nn.Module):
         num_classes: int,
         codebook_size: int,
         latent_channels: int,
+        diffusion: DiffusionConfig | None = None,
     ):
         super().__init__()
         self.cfg, self.layout = cfg, layout
@@ -255,11 +270,16 @@ class CART(nn.Module):
         self.ada_lin = nn.Linear(C, (6 * cfg.depth + 2) * C)
         rates = torch.linspace(0, cfg.resolved_drop_path, cfg.depth, device="cpu").tolist()  # VAR's linear rule
         self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
-        self.head = nn.Linear(C, codebook_size)
+        self.head = nn.Linear(C, codebook_size) if diffusion is None else nn.Identity()
         # Training recomputes each block's activations in the backward pass instead of keeping them (set by the
         # training task; not part of the architecture or the weights).
         self.checkpoint_activations = False
         self._init_weights()
+        self.diffusion = None if diffusion is None else DiffusionHead(diffusion, latent_channels, C)
+        if diffusion is not None:
+            # Every map's token RMS (the manifest's token_rms): the head models tokens divided by it, so that the
+            # small residuals of late maps meet the noise schedule at unit scale as the coarse maps do.
+            self.register_buffer("token_rms_M", torch.ones(layout.num_maps))
 
     def decayed_embeddings(self) -> list[nn.Parameter]:
         """Embedding tables that weight decay applies to all the same (VAR decays its class embedding)."""
@@ -280,7 +300,8 @@ class CART(nn.Module):
                 nn.init.zeros_(module.bias)
         C, depth = cfg.resolved_width, cfg.depth
         with torch.no_grad():
-            self.head.weight.mul_(cfg.init_head)
+            if isinstance(self.head, nn.Linear):
+                self.head.weight.mul_(cfg.init_head)
             factor_K = torch.full((6 * depth + 2,), cfg.init_adaln)
             factor_K[: 6 * depth].view(depth, 6)[:, :2] = cfg.init_gate  # gate1, gate2 of every block
             self.ada_lin.weight.view(6 * depth + 2, C, C).mul_(factor_K.view(-1, 1, 1))
@@ -331,12 +352,17 @@ class CART(nn.Module):
 
     # -- teacher forcing ---------------------------------------------------------------------------------------
 
-    def forward(self, label_B: torch.Tensor, x_BlC: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, label_B: torch.Tensor, x_BlC: torch.Tensor, tokens_BLC: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Teacher forcing: logits_BLV of every token from the class and the inputs of maps 1 … M−1.
 
         ``x_BlC`` is ``teacher_forcing_inputs``; the inputs of maps 1 … m only (any whole-map prefix) give the
         logits of maps 0 … m, the same as the full sequence would (the mask is block-causal). Next-token
         prediction reads the code vectors of tokens 0 … L−2 and any prefix of them.
+
+        With the diffusion head: the condition z_BLC of every token, or given the continuous tokens ``tokens_BLC``
+        their diffusion loss, loss_BL (computed here, so that DDP sees the head in its forward).
         """
         if self.training and self.cfg.class_dropout > 0:
             dropped_B = torch.rand(label_B.shape, device=label_B.device) < self.cfg.class_dropout
@@ -348,7 +374,16 @@ class CART(nn.Module):
         cond_BC, mod_B1KC = self.condition(label_B)
         with torch.autocast(x_BlC.device.type, enabled=False):  # embeddings in fp32 whatever the precision, as VAR
             x_BLC = torch.cat([self.start_tokens(cond_BC), self.input_embed(x_BlC) + self.position(L0, L)], dim=1)
-        return self.head(self.trunk(x_BLC, mod_B1KC, self.mask_LL[:L, :L]))
+        out_BLC = self.head(self.trunk(x_BLC, mod_B1KC, self.mask_LL[:L, :L]))
+        if tokens_BLC is None:
+            return out_BLC
+        target_BLC = tokens_BLC / self.token_rms_L(L)[:, None]
+        return self.diffusion.loss(out_BLC.flatten(0, 1), target_BLC.flatten(0, 1)).view(label_B.shape[0], L)
+
+    def token_rms_L(self, length: int) -> torch.Tensor:
+        """The diffusion head's scale of each of the first ``length`` tokens: its map's token RMS."""
+        lengths = torch.tensor(self.layout.lengths, device=self.token_rms_M.device)
+        return torch.repeat_interleave(self.token_rms_M.clamp_min(1e-6), lengths)[:length]
 
 
 def forward_flops(model: CART, trunk_rows: int, head_rows: int) -> float:
@@ -359,7 +394,11 @@ def forward_flops(model: CART, trunk_rows: int, head_rows: int) -> float:
     trunk = sum(p.numel() for m in [*model.blocks, model.input_embed] for p in m.parameters() if p.ndim == 2)
     visible = int(model.mask_LL.sum())  # query-key pairs the mask lets through
     per_sequence = 2 * trunk * layout.num_tokens + 4 * C * visible * depth
-    return trunk_rows * per_sequence + head_rows * 2 * model.head.weight.numel() * layout.num_tokens
+    if model.diffusion is None:
+        head = model.head.weight.numel()
+    else:  # the denoiser runs once per noise draw (training's count; sampling runs it once per step)
+        head = model.diffusion.matrix_weights() * model.diffusion.cfg.draws
+    return trunk_rows * per_sequence + head_rows * 2 * head * layout.num_tokens
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -432,7 +471,8 @@ def generate(
         return _generate_tokens(model, tokenizer, label_B, cfg, generator, on_map)
     layout, B = model.layout, len(label_B)
     prefix = prefix or []
-    expected = [(B, m.side, m.side) for m in layout.maps[: len(prefix)]]
+    channels = () if model.diffusion is None else (model.latent_channels,)
+    expected = [(B, *channels, m.side, m.side) for m in layout.maps[: len(prefix)]]
     if len(prefix) > layout.num_maps or [tuple(i.shape) for i in prefix] != expected:
         raise ValueError(f"prefix shapes {[tuple(i.shape) for i in prefix]}: expected the first maps, {expected}")
     guided = cfg.guidance != 1.0
@@ -442,13 +482,16 @@ def generate(
         h_BlC = model.trunk(x_BlC, mod_B1KC, None, caches)  # a given map still fills the cache
         if m < len(prefix):
             idx_Bhw = prefix[m]
-        else:
+        elif model.diffusion is None:
             if guided:
                 # The head is affine, so guiding its input guides the logits (uncond + w·(cond − uncond)) at half
                 # the cost of a head over both halves.
                 cond_BlC, uncond_BlC = h_BlC.chunk(2)
                 h_BlC = torch.lerp(uncond_BlC, cond_BlC, guidance_weight(cfg, m, layout.num_maps))
             idx_Bhw = sample_tokens(model.head(h_BlC), cfg, generator).view(B, token_map.side, token_map.side)
+        else:
+            z_BlC = sample_continuous(model, h_BlC, m, cfg, generator, guided)
+            idx_Bhw = z_BlC.transpose(1, 2).unflatten(2, (token_map.side, token_map.side))  # z_BChw
         indices.append(idx_Bhw)
         if on_map is not None:
             on_map(m, list(indices))
@@ -461,6 +504,17 @@ def generate(
         if guided:
             x_BlC = x_BlC.repeat(2, 1, 1)
     return indices
+
+
+def sample_continuous(
+    model: CART, h_BlC: torch.Tensor, map_index: int, cfg: SamplingConfig, generator: torch.Generator, guided: bool
+) -> torch.Tensor:
+    """Map m's continuous tokens z_BlC, each drawn by the diffusion head from its z (guided: the conditional rows
+    of ``h_BlC``, then the unconditional ones, whose predictions are combined with map m's guidance weight)."""
+    rows, l, _ = h_BlC.shape
+    w = guidance_weight(cfg, map_index, model.layout.num_maps) if guided else None
+    x_NC = model.diffusion.sample(h_BlC.flatten(0, 1), cfg.diffusion_steps, cfg.temperature, generator, w)
+    return x_NC.view(rows // 2 if guided else rows, l, -1) * model.token_rms_M[map_index].clamp_min(1e-6)
 
 
 def _start_sampling(
@@ -515,10 +569,12 @@ def _generate_tokens(
 
 
 def save_transformer(stem: str | Path, model: CART, extra: dict | None = None) -> None:
-    """``<stem>.safetensors`` + ``<stem>.json``: architecture, class count, codebook, latent channels, layout."""
+    """``<stem>.safetensors`` + ``<stem>.json``: architecture (and diffusion head), class count, codebook, latent
+    channels, layout."""
     layout = model.layout
     config = {
         "model": dataclasses.asdict(model.cfg),
+        **({"diffusion": dataclasses.asdict(model.diffusion.cfg)} if model.diffusion is not None else {}),
         "num_classes": model.num_classes,
         "codebook_size": model.codebook_size,
         "latent_channels": model.latent_channels,
@@ -552,6 +608,7 @@ def load_transformer(stem: str | Path, device: torch.device | str = "cpu") -> tu
         config["num_classes"],
         config["codebook_size"],
         config["latent_channels"],
+        DiffusionConfig(**config["diffusion"]) if "diffusion" in config else None,
     )
     model.load_state_dict(load_state(stem, device))
     return model.to(device).eval(), config

@@ -2,8 +2,8 @@
 
 Teacher forcing reads the stored tokens of an image, rebuilds with the frozen tokenizer the input of every map
 (f̂ after the maps before it, exactly as sampling will) and predicts all maps at once; the loss is the
-cross-entropy over all tokens. Loss and accuracy are also logged per map, so the difficulty of base scales and
-detail maps can be told apart.
+cross-entropy over all tokens (continuous tokens: the diffusion loss of every token). Loss and accuracy (softmax
+only) are also logged per map, so the difficulty of base scales and detail maps can be told apart.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from pipeline import atomic
 from pipeline.config import Field, section
+from pipeline.diffusion import DiffusionConfig
 from pipeline.progress import Progress
 from pipeline.tokenizer import Tokenizer, TokenLayout, load_tokenizer
 from pipeline.tokens import decode_token_sample, layout_from_manifest, split_maps
@@ -56,6 +57,14 @@ class TransformerTrainConfig(TrainConfig):
 @section
 class TransformerConfig:
     model: TransformerModelConfig = Field(default_factory=TransformerModelConfig, description="Architecture.")
+    head: Literal["softmax", "diffusion"] = Field(
+        "softmax",
+        description="softmax: logits over the codebook (VAR, CART); diffusion: MAR's per-token diffusion head over "
+        "continuous tokens (needs tokenizer.quantize continuous).",
+    )
+    diffusion: DiffusionConfig = Field(
+        default_factory=DiffusionConfig, description="The diffusion head's size and training (head diffusion only)."
+    )
     train: TransformerTrainConfig = Field(
         default_factory=lambda: TransformerTrainConfig(weight_decay=0.05, beta1=0.9, beta2=0.95),
         description="Optimisation (AdamW β = (0.9, 0.95), weight decay 0.05 as in VAR), EMA, activation checkpointing.",
@@ -69,6 +78,18 @@ class TransformerConfig:
         "tensor whose name and shape fit is copied, position and level embeddings for the maps both layouts "
         "share, the rest starts fresh (both lists are printed). The width must match.",
     )
+
+    def __post_init__(self):
+        if self.head == "diffusion" and self.model.prediction != "next_map":
+            raise ValueError(
+                "transformer.head diffusion draws whole maps: transformer.model.prediction must be next_map "
+                f"(it is {self.model.prediction})"
+            )
+
+    @property
+    def diffusion_head(self) -> DiffusionConfig | None:
+        """The diffusion head's config, or None for the softmax head."""
+        return self.diffusion if self.head == "diffusion" else None
 
 
 def map_names(layout: TokenLayout) -> list[str]:
@@ -119,6 +140,12 @@ class TransformerTask:
 
     def loss(self, batch, step: int):
         idx_BL, label_B = batch
+        if self.model.diffusion is not None:
+            z_BLC = idx_BL  # continuous tokens
+            loss_BL = self.net(label_B, self.inputs(z_BLC), z_BLC)
+            with torch.no_grad():
+                logs = {"loss": loss_BL.mean().item()} | self._per_map(loss_BL)
+            return loss_BL.mean(), logs
         logits_BLV = self.net(label_B, self.inputs(idx_BL))
         loss_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), idx_BL, reduction="none")
         logs = {"loss": loss_BL.mean().item()}
@@ -126,15 +153,16 @@ class TransformerTask:
             logs |= self._per_map(loss_BL, logits_BLV.argmax(-1) == idx_BL)
         return loss_BL.mean(), logs
 
-    def _per_map(self, loss_BL: torch.Tensor, correct_BL: torch.Tensor) -> dict[str, float]:
+    def _per_map(self, loss_BL: torch.Tensor, correct_BL: torch.Tensor | None = None) -> dict[str, float]:
+        """Per-map means of the loss and (softmax) the accuracy."""
         sums = torch.zeros(2, len(self.names), device=loss_BL.device, dtype=torch.float64)
         sums[0].index_add_(0, self.map_of_token_L, loss_BL.sum(0).double())
-        sums[1].index_add_(0, self.map_of_token_L, correct_BL.sum(0).double())
+        if correct_BL is not None:
+            sums[1].index_add_(0, self.map_of_token_L, correct_BL.sum(0).double())
         sums /= torch.tensor(self.model.layout.lengths, device=sums.device) * loss_BL.shape[0]
         loss_M, acc_M = sums.tolist()
-        return {f"loss_{n}": v for n, v in zip(self.names, loss_M, strict=True)} | {
-            f"acc_{n}": v for n, v in zip(self.names, acc_M, strict=True)
-        }
+        accuracy = {} if correct_BL is None else {f"acc_{n}": v for n, v in zip(self.names, acc_M, strict=True)}
+        return {f"loss_{n}": v for n, v in zip(self.names, loss_M, strict=True)} | accuracy
 
     def after_step(self, step: int, batch) -> dict[str, float]:
         if self.ema is not None:
@@ -148,7 +176,10 @@ class TransformerTask:
 
 @torch.no_grad()
 def evaluate_transformer(model: CART, tokenizer: Tokenizer, batches: Iterator) -> dict[str, float]:
-    """Teacher-forced val loss and token accuracy, overall and per map, with the true labels (no dropout)."""
+    """Teacher-forced val loss and token accuracy, overall and per map, with the true labels (no dropout).
+
+    The diffusion loss draws noise levels and noise: from a fixed seed, so that every evaluation of the same
+    weights gives the same number (the training stream is left where it was)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -156,16 +187,22 @@ def evaluate_transformer(model: CART, tokenizer: Tokenizer, batches: Iterator) -
     task.map_of_token_L = task.map_of_token_L.to(device)
     sums: dict[str, float] = {}
     count = 0
-    for idx_BL, label_B in batches:
-        idx_BL, label_B = idx_BL.to(device), label_B.to(device)
-        logits_BLV = model(label_B, task.inputs(idx_BL))
-        loss_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), idx_BL, reduction="none")
-        correct_BL = logits_BLV.argmax(-1) == idx_BL
-        batch = {"loss": loss_BL.mean().item(), "acc": correct_BL.float().mean().item()}
-        batch |= task._per_map(loss_BL, correct_BL)
-        for k, v in batch.items():
-            sums[k] = sums.get(k, 0.0) + v * len(label_B)
-        count += len(label_B)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        for idx_BL, label_B in batches:
+            idx_BL, label_B = idx_BL.to(device), label_B.to(device)
+            if model.diffusion is not None:
+                loss_BL = model(label_B, task.inputs(idx_BL), idx_BL)
+                batch = {"loss": loss_BL.mean().item()} | task._per_map(loss_BL)
+            else:
+                logits_BLV = model(label_B, task.inputs(idx_BL))
+                loss_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), idx_BL, reduction="none")
+                correct_BL = logits_BLV.argmax(-1) == idx_BL
+                batch = {"loss": loss_BL.mean().item(), "acc": correct_BL.float().mean().item()}
+                batch |= task._per_map(loss_BL, correct_BL)
+            for k, v in batch.items():
+                sums[k] = sums.get(k, 0.0) + v * len(label_B)
+            count += len(label_B)
     model.train(was_training)
     return {k: v / max(count, 1) for k, v in sums.items()}
 
@@ -242,15 +279,24 @@ class TransformerPaths:
     metrics: Path  # metrics/transformer.json
 
 
-def build_model(cfg: TransformerModelConfig, manifest: dict[str, Any], seed: int) -> CART:
+def build_model(
+    cfg: TransformerModelConfig, manifest: dict[str, Any], seed: int, diffusion: DiffusionConfig | None = None
+) -> CART:
+    """A fresh transformer for the tokens of ``manifest``; ``diffusion``: with that diffusion head (continuous
+    tokens), its per-map scales the manifest's token RMS."""
     torch.manual_seed(seed)
-    return CART(
+    model = CART(
         cfg,
         layout_from_manifest(manifest),
         len(manifest["classes"]),
         manifest["codebook_size"],
         manifest["latent_channels"],
+        diffusion,
     )
+    if diffusion is not None:
+        with torch.no_grad():
+            model.token_rms_M.copy_(torch.tensor(manifest["token_rms"]))
+    return model
 
 
 def train_transformer(
@@ -274,13 +320,19 @@ def train_transformer(
         raise ValueError(
             f"{paths.tokens} was tokenized with another layout than {paths.tokenizer}.json: rerun extract_tokens"
         )
+    continuous = manifest.get("quantize") == "continuous"
+    if continuous != (cfg.head == "diffusion"):
+        raise ValueError(
+            f"{paths.tokens} holds {'continuous' if continuous else 'vq'} tokens but transformer.head is {cfg.head}: "
+            "rerun extract_tokens after train_tokenizer with the tokenizer.quantize that transformer.head needs"
+        )
     train_urls, val_urls = split_shards(paths.tokens / "train"), split_shards(paths.tokens / "val")
     if not train_urls or not val_urls:
         raise FileNotFoundError(f"{paths.tokens}: the transformer needs train and val token shards")
     count = manifest["splits"]["train"]["count"]
     train_loader, per_epoch = shard_training_loader(train_urls, decode_token_sample, count, cfg.train)
     val_loader = ShardLoader(val_urls, decode_token_sample, batch_size=128, shuffle=False)
-    model = build_model(cfg.model, manifest, cfg.train.seed)
+    model = build_model(cfg.model, manifest, cfg.train.seed, cfg.diffusion_head)
     if cfg.init_from:
         report = init_transformer_from(model, cfg.init_from)
         log(f"copied from {cfg.init_from}: {', '.join(report.copied + report.partly) or 'nothing'}")
@@ -289,6 +341,8 @@ def train_transformer(
     before = evaluate_transformer(model, tokenizer, iter(val_loader.epoch(0))) if dist_from_env().is_main else {}
     task = TransformerTask(model, tokenizer, lambda: iter(val_loader.epoch(0)), cfg.train.ema_decay)
     settings = {"model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train)}
+    if cfg.diffusion_head is not None:
+        settings["diffusion"] = dataclasses.asdict(cfg.diffusion_head)
     fingerprint = atomic.fingerprint(
         settings,
         atomic.files_fingerprint(paths.tokens),
@@ -309,11 +363,11 @@ def train_transformer(
     names = map_names(model.layout)
     result = {
         "val_loss": after["val/loss"],
-        "val_acc": after["val/acc"],
+        "val_acc": after.get("val/acc"),
         "val_loss_untrained": before["loss"],
         "val_loss_per_map": {n: after[f"val/loss_{n}"] for n in names},
         "val_loss_per_map_untrained": {n: before[f"loss_{n}"] for n in names},
-        "val_acc_per_map": {n: after[f"val/acc_{n}"] for n in names},
+        "val_acc_per_map": {n: after.get(f"val/acc_{n}") for n in names},
         **(
             {"val_loss_ema": evaluate_transformer(task.ema, tokenizer, iter(val_loader.epoch(0)))["loss"]}
             if task.ema
@@ -325,5 +379,7 @@ def train_transformer(
         "maps": model.layout.num_maps,
         "train_flops_per_image": 3 * forward_flops(model, 1, 1),
     }
+    if model.diffusion is not None:  # continuous tokens have no accuracy; their val loss is the diffusion loss
+        del result["val_acc"], result["val_acc_per_map"]
     atomic.write_json(paths.metrics, result)
     return result
