@@ -305,3 +305,21 @@ def test_extract_train_sample_on_continuous_tokens(workspace):
     strip = runner.invoke(app, ["sample", "--n", "2", "--progressive", "--out", "fig1.png"])
     assert strip.exit_code == 0, strip.output
     assert Path("fig1.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_the_whole_chain_runs_on_continuous_tokens(workspace):
+    """train-tokenizer → extract-tokens → train-transformer → evaluate, continuous and diffusion throughout."""
+    write_params(workspace, CONTINUOUS | {"transformer": {**CONTINUOUS["transformer"], "train": {"steps": 6}}})
+    for stage in ("train-tokenizer", "extract-tokens", "train-transformer", "train-evaluator", "evaluate"):
+        result = runner.invoke(app, [stage])
+        assert result.exit_code == 0, f"{stage}: {result.output}"
+    tokenizer_metrics = json.loads(Path("metrics/tokenizer.json").read_text())["tokenizer"]
+    assert tokenizer_metrics["latent_rms"] > 0 and "codebook_used" not in tokenizer_metrics
+    assert Path("reports/tokenizer/figure7.png").exists()
+    metrics = json.loads(Path("metrics/eval.json").read_text())
+    for prefix in ("", "reconstruction_", "untrained_"):
+        assert np.isfinite(metrics[f"{prefix}fid_ref"])
+    assert np.isfinite(metrics["fid_ref_2x"]) and 0 <= metrics["class_consistency_ref"] <= 1
+    for figure in ("samples", "progressive", "highres"):
+        assert Path(f"reports/evaluate/{figure}.png").read_bytes()[:4] == b"\x89PNG"
