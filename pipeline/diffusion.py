@@ -29,9 +29,7 @@ FREQUENCIES = 256  # width of the sinusoidal embedding of the noise level (MAR /
 class DiffusionConfig:
     width: int = Field(256, ge=8, description="Width of the denoising MLP (MAR-B: 1024).")
     depth: int = Field(3, ge=1, description="Residual AdaLN MLP blocks (MAR: 3).")
-    draws: int = Field(
-        4, ge=1, description="Noise draws per token per training step (MAR's diffusion_batch_mul: 4)."
-    )
+    draws: int = Field(4, ge=1, description="Noise draws per token per training step (MAR's diffusion_batch_mul: 4).")
     timesteps: int = Field(1000, ge=2, description="Noise levels of the training schedule (cosine; MAR: 1000).")
 
 
@@ -150,9 +148,7 @@ class DiffusionHead(nn.Module):
             if i + 1 < len(levels):  # the last level returns the predicted x_0 itself, noiseless
                 # The posterior q(x_{t'} | x_t, x_0) of the respaced chain, β = 1 − ᾱ_t / ᾱ_{t'}.
                 beta = 1 - a_bar / a_bar_prev
-                mean_NC = (a_bar_prev.sqrt() * beta * x0_NC + (1 - beta).sqrt() * (1 - a_bar_prev) * x_NC) / (
-                    1 - a_bar
-                )
+                mean_NC = (a_bar_prev.sqrt() * beta * x0_NC + (1 - beta).sqrt() * (1 - a_bar_prev) * x_NC) / (1 - a_bar)
                 std = (beta * (1 - a_bar_prev) / (1 - a_bar)).sqrt()
                 noise_NC = torch.randn(x_NC.shape, generator=generator, device=x_NC.device)
                 x_NC = mean_NC + temperature * std * noise_NC

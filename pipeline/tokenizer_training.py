@@ -3,9 +3,10 @@
 L = ‖I − Î‖² + VQ(β) + λ_p·LPIPS(I, Î) + λ_G·w·GAN(Î) + λ_prefix·Σ_k ‖B_k − D(f̂_{≤B_k})‖² [+ λ_latent·mean f²]
 
 where the VQ term is the codebook and commitment loss of every map (continuous tokens: the same terms train φ and
-pull the encoder towards what the coarse maps express; the last term, continuous only, bounds the latent's scale), w is VQGAN's adaptive weight (the ratio of
-the reconstruction and adversarial gradient norms at the decoder's last layer) and the last term makes every
-component prefix decode to its base, so that next-detail prefixes are real images.
+pull the encoder towards what the coarse maps express), w is VQGAN's adaptive weight (the ratio of the
+reconstruction and adversarial gradient norms at the decoder's last layer), the prefix term makes every
+component prefix decode to its base, so that next-detail prefixes are real images, and the last term
+(continuous tokens only) bounds the latent's scale.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class TokenizerLossConfig:
         1e-3,
         ge=0,
         description="tokenizer.quantize continuous only: weight of the mean square of the encodings f_{B_k}, which "
-        "keeps the latent's scale bounded where no codebook anchors it (README, \"Continuous tokens\").",
+        'keeps the latent\'s scale bounded where no codebook anchors it (README, "Continuous tokens").',
     )
     init_codes_from_data: bool = Field(
         True,

@@ -195,7 +195,9 @@ def reference_sample(model: CART, tokenizer: Tokenizer, label_B, cfg: SamplingCo
     labels = torch.cat([label_B, torch.full_like(label_B, NUM_CLASSES)]) if guided else label_B
     maps: list[torch.Tensor] = []
     for m, token_map in enumerate(layout.maps):
-        inputs = [tokenizer.next_input(tokenizer.compose(maps, k), k).flatten(2).transpose(1, 2) for k in range(1, m + 1)]
+        inputs = [
+            tokenizer.next_input(tokenizer.compose(maps, k), k).flatten(2).transpose(1, 2) for k in range(1, m + 1)
+        ]
         x_BlC = torch.cat(inputs, dim=1) if inputs else torch.zeros(B, 0, SMALL.latent_channels)
         z_BLC = model(labels, x_BlC.repeat(2, 1, 1) if guided else x_BlC)[:, layout.offsets[m] :]
         w = guidance_weight(cfg, m, layout.num_maps) if guided else None
@@ -206,7 +208,8 @@ def reference_sample(model: CART, tokenizer: Tokenizer, label_B, cfg: SamplingCo
 
 
 @pytest.mark.parametrize(
-    "cfg", [SamplingConfig(guidance=1.0, diffusion_steps=6), SamplingConfig(guidance=2.5, diffusion_steps=4, temperature=0.8)]
+    "cfg",
+    [SamplingConfig(guidance=1.0, diffusion_steps=6), SamplingConfig(guidance=2.5, diffusion_steps=4, temperature=0.8)],
 )
 def test_kv_cached_sampling_draws_what_the_uncached_model_draws(cfg):
     torch.set_default_dtype(torch.float64)
