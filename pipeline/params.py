@@ -60,6 +60,12 @@ class Params:
                 f"2^(len(channel_multipliers) − 1) = {self.data.resolution / model.downsampling:g}: the last scale "
                 "must be the latent side"
             )
+        if (self.tokenizer.quantize == "continuous") != (self.transformer.head == "diffusion"):
+            raise ValueError(
+                f"tokenizer.quantize {self.tokenizer.quantize} and transformer.head {self.transformer.head} do not "
+                "fit: codes need the softmax head (vq with softmax), continuous tokens the diffusion head "
+                "(continuous with diffusion)"
+            )
         if self.evaluate.highres_scale > 1 and self.evaluate.highres_scale != self.data.highres_scale:
             raise ValueError(
                 f"evaluate.highres_scale {self.evaluate.highres_scale} needs real references at that scale: set "

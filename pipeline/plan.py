@@ -123,7 +123,7 @@ def build_on_meta(params, classes: int):
 
     model = params.tokenizer.model
     with torch.device("meta"):
-        tokenizer = Tokenizer(model, params.decompose.order)
+        tokenizer = Tokenizer(model, params.decompose.order, params.tokenizer.quantize)
         transformer = CART(
             params.transformer.model,
             tokenizer.layout,
@@ -131,6 +131,7 @@ def build_on_meta(params, classes: int):
             model.codebook_size,
             model.latent_channels,
             clusters=params.transformer.coarse.clusters,
+            diffusion=params.transformer.diffusion_head,
         )
     return tokenizer, transformer
 
@@ -167,9 +168,14 @@ def make_plan(params) -> Plan:
     t = params.transformer.train
     transformer_train = 3 * forward_flops(transformer, 1, 1)
     recompute = 4 / 3 if t.checkpoint_activations else 1.0
-    guided = params.transformer.sampling.resolved().guidance != 1.0
-    # KV-cached sampling runs every token through the trunk once; guidance doubles the rows (cond and uncond).
-    sample = forward_flops(transformer, 2 if guided else 1, 1) + decode
+    sampling = params.transformer.sampling.resolved()
+    rows = 2 if sampling.guidance != 1.0 else 1
+    # KV-cached sampling runs every token through the trunk once; guidance doubles the rows (cond and uncond). The
+    # softmax head runs on the guided mix only; a diffusion head on both rows, once per reverse step.
+    if transformer.diffusion is None:
+        sample = forward_flops(transformer, rows, 1) + decode
+    else:
+        sample = forward_flops(transformer, rows, rows, sampling.diffusion_steps) + decode
 
     # The tokenizer: every level encoded (the image and its n bases), the image decoded and the sampled prefixes.
     k = params.tokenizer
@@ -182,7 +188,7 @@ def make_plan(params) -> Plan:
         return train_cfg.steps * train_cfg.batch_size * train_cfg.grad_accumulation * cfg.gpus
 
     global_batch = t.batch_size * t.grad_accumulation * cfg.gpus
-    sampling_note = "guided: 2 rows" if guided else "unguided"
+    sampling_note = "guided: 2 rows" if rows == 2 else "unguided"
     runs = [
         Run("train_tokenizer", seen(k.train), tokenizer_train, f"{variants} tokenizer(s); LPIPS and GAN not counted"),
         Run("extract_tokens", train_images, (order + 1) * encode, f"{order + 1} encoder pass(es) per image"),

@@ -12,6 +12,12 @@ Reconstruction is f̂ = Σ_k φ_k(z_k), Î = D(f̂). A prefix of the maps decode
 ≈ B_n, adding the D_n maps to ≈ B_{n−1}, …, all maps to ≈ I. With order 0 there are no detail maps and the model
 is exactly VAR's multi-scale VQ-VAE; a single full-resolution map is a vanilla VQ-VAE.
 
+Continuous tokens (``quantize="continuous"``, no codebook): a map's token is the area-downsampled residual itself,
+z_m = area(r), and the map that ends a component at full latent resolution contributes z_m unchanged (no φ), so it
+takes whatever residual is left: every complete component prefix equals its target exactly (the base maps f_{B_n},
++ D_n f_{B_{n−1}}, …, all maps f), up to float rounding. The coarser maps go through the same upsample + φ path
+as codes do. φ is not inverted anywhere, so exactness needs no solve: only the carrying map skips it.
+
 With ``detail_error_feedback`` (the default) the residual a detail component starts from is f_{B_{t−1}} − f̂,
 i.e. the detail f_{D_t} plus whatever the earlier maps left unquantised, so later maps correct earlier errors
 (with exact quantisation both are the same; without feedback each component is quantised on its own, as the
@@ -212,10 +218,11 @@ class Phi(nn.Module):
 class Quantized:
     """Algorithm 1's result for a batch, with what training needs."""
 
-    indices: list[torch.Tensor]  # idx_Bhw of every map, in generation order
+    indices: list[torch.Tensor]  # every map's tokens in generation order: idx_Bhw (vq) or z_BChw (continuous)
     prefixes: list[torch.Tensor]  # f̂ after each component (base, +D_n, …, +D_1), straight-through to its target
     vq_loss: torch.Tensor  # mean over maps of β‖sg(f̂) − f_target‖² + ‖f̂ − sg(f_target)‖²
     residual_sample: torch.Tensor  # (N, C) residual vectors the quantiser saw, from every map: dead-code restarts
+    latent_ms: torch.Tensor  # mean square of the encodings f_{B_k}: the continuous tokenizer's latent regulariser
     autoencoded: torch.Tensor | None = None  # ``forward``'s extra images, encoded and decoded unquantised
 
 
@@ -236,7 +243,7 @@ def full_precision(method):
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        with torch.autocast(self.codebook.weight.device.type, enabled=False):
+        with torch.autocast(self.phi.convs[0].weight.device.type, enabled=False):
             return method(self, *[cast(a) for a in args], **{k: cast(v) for k, v in kwargs.items()})
 
     return wrapper
@@ -246,13 +253,23 @@ def _sample_rows(x_NC: torch.Tensor, k: int) -> torch.Tensor:
     return x_NC if len(x_NC) <= k else x_NC[torch.randperm(len(x_NC), device=x_NC.device)[:k]]
 
 
-class Tokenizer(nn.Module):
-    """Encoder, decoder, one codebook and φ; ``order`` decides how many maps are detail maps."""
+Quantize = Literal["vq", "continuous"]
 
-    def __init__(self, cfg: TokenizerModelConfig, order: int):
+
+class Tokenizer(nn.Module):
+    """Encoder, decoder, one codebook (vq) and φ; ``order`` decides how many maps are detail maps."""
+
+    def __init__(self, cfg: TokenizerModelConfig, order: int, quantize: Quantize = "vq"):
         super().__init__()
-        self.cfg, self.order = cfg, order
+        self.cfg, self.order, self.quantize_mode = cfg, order, quantize
         self.layout = TokenLayout(cfg.scales, order, cfg.detail_depth, cfg.layout)
+        latent = self.layout.latent_side
+        # Continuous: the full-resolution map that ends a component carries the residual as it is (see above).
+        self.carrying = (
+            {end - 1 for end in self.layout.component_ends() if self.layout.maps[end - 1].side == latent}
+            if quantize == "continuous"
+            else set()
+        )
         args = (
             cfg.channels,
             cfg.channel_multipliers,
@@ -265,9 +282,14 @@ class Tokenizer(nn.Module):
         C = cfg.latent_channels
         self.quant_conv = nn.Conv2d(C, C, 3, padding=1) if cfg.quant_conv else nn.Identity()
         self.post_quant_conv = nn.Conv2d(C, C, 3, padding=1) if cfg.quant_conv else nn.Identity()
-        self.codebook = nn.Embedding(cfg.codebook_size, cfg.latent_channels)
-        nn.init.uniform_(self.codebook.weight, -1 / cfg.codebook_size, 1 / cfg.codebook_size)
+        if quantize == "vq":
+            self.codebook = nn.Embedding(cfg.codebook_size, cfg.latent_channels)
+            nn.init.uniform_(self.codebook.weight, -1 / cfg.codebook_size, 1 / cfg.codebook_size)
         self.phi = Phi(cfg.latent_channels, cfg.phi_convs, cfg.phi_ratio, self.layout.phi_choice(cfg.phi_convs))
+
+    @property
+    def continuous(self) -> bool:
+        return self.quantize_mode == "continuous"
 
     # -- pixels ↔ latents ------------------------------------------------------------------------------------
 
@@ -298,20 +320,24 @@ class Tokenizer(nn.Module):
         return distance_NV.argmin(1).view(B, h, w)
 
     @full_precision
-    def map_contribution(self, idx_Bhw: torch.Tensor, map_index: int) -> torch.Tensor:
-        """φ_m(up(z)) for map m's codes: what the map adds to f̂ at full latent size."""
-        z_BChw = self.codebook(idx_Bhw).permute(0, 3, 1, 2)
+    def map_contribution(self, tokens: torch.Tensor, map_index: int) -> torch.Tensor:
+        """φ_m(up(z)) for map m's tokens (codes idx_Bhw, or continuous z_BChw): what the map adds to f̂ at full
+        latent size. A carrying map (continuous) adds z_BChw itself."""
+        z_BChw = tokens if self.continuous else self.codebook(tokens).permute(0, 3, 1, 2)
+        if map_index in self.carrying:
+            return z_BChw.contiguous()
         latent = self.layout.latent_side
-        if idx_Bhw.shape[-1] != latent:
+        if z_BChw.shape[-1] != latent:
             z_BChw = F.interpolate(z_BChw, size=(latent, latent), mode="bicubic")
         # Standard layout whatever the path (a permuted lookup, or a 1×1 map PyTorch upsamples as channels-last):
         # a channels-last f̂ would take other conv kernels, and the same tokens would decode to different pixels.
         return self.phi(z_BChw.contiguous(), map_index)
 
     def quantize_map(self, residual_BChw: torch.Tensor, map_index: int):
-        """One step of Algorithm 1: the residual at map m's size, its nearest codes, and what they add to f̂.
+        """One step of Algorithm 1: the residual at map m's size, its nearest codes (continuous: the resized
+        residual itself), and what they add to f̂.
 
-        Returns (idx_Bhw, h_BChw at full latent size, the resized residual the codes were chosen for).
+        Returns (the map's tokens, h_BChw at full latent size, the resized residual the tokens were chosen for).
         """
         side = self.layout.maps[map_index].side
         r_BChw = (
@@ -319,8 +345,8 @@ class Tokenizer(nn.Module):
             if side == residual_BChw.shape[-1]
             else F.interpolate(residual_BChw, (side, side), mode="area")
         )
-        idx_Bhw = self.nearest_codes(r_BChw)
-        return idx_Bhw, self.map_contribution(idx_Bhw, map_index), r_BChw
+        tokens = r_BChw if self.continuous else self.nearest_codes(r_BChw)
+        return tokens, self.map_contribution(tokens, map_index), r_BChw
 
     @torch.no_grad()
     @full_precision
@@ -349,7 +375,7 @@ class Tokenizer(nn.Module):
                 residual = (target - f_levels[n - component + 1]).detach()  # f_{D_t} alone
             for m in range(start, end):
                 idx_Bhw, h_BChw, r = self.quantize_map(residual, m)
-                if self.training:
+                if self.training and not self.continuous:
                     seen.append(_sample_rows(r.detach().permute(0, 2, 3, 1).flatten(0, 2), self.cfg.codebook_size))
                 f_hat = f_hat + h_BChw
                 residual = residual - h_BChw.detach()
@@ -359,7 +385,8 @@ class Tokenizer(nn.Module):
             # Straight-through: the decoder sees f̂, the gradient of what it decodes reaches this level's encoder.
             prefixes.append(f_hat.detach() + (target - target.detach()))
         residual_sample = torch.cat(seen) if seen else f_hat.new_zeros(0, f_hat.shape[1])
-        return Quantized(indices, prefixes, torch.stack(losses).mean(), residual_sample)
+        latent_ms = torch.stack([f.square().mean() for f in f_levels]).mean()
+        return Quantized(indices, prefixes, torch.stack(losses).mean(), residual_sample, latent_ms)
 
     @torch.no_grad()
     def tokenize(self, image_B3HW: torch.Tensor, bases_BK3HW: torch.Tensor) -> list[torch.Tensor]:
@@ -435,10 +462,11 @@ class Tokenizer(nn.Module):
 
 
 def save_tokenizer(stem: str | Path, model: Tokenizer, resolution: int) -> None:
-    """``<stem>.safetensors`` + ``<stem>.json`` (architecture, order, resolution, token layout)."""
+    """``<stem>.safetensors`` + ``<stem>.json`` (architecture, order, quantisation, resolution, token layout)."""
     config = {
         "model": dataclasses.asdict(model.cfg),
         "order": model.order,
+        **({"quantize": model.quantize_mode} if model.continuous else {}),
         "resolution": resolution,
         "layout": model.layout.to_json(),
     }
@@ -448,6 +476,6 @@ def save_tokenizer(stem: str | Path, model: Tokenizer, resolution: int) -> None:
 def load_tokenizer(stem: str | Path, device: torch.device | str = "cpu") -> tuple[Tokenizer, dict]:
     """The tokenizer saved at ``stem`` (in eval mode) and its config."""
     config = load_config(stem)
-    model = Tokenizer(TokenizerModelConfig(**config["model"]), config["order"])
+    model = Tokenizer(TokenizerModelConfig(**config["model"]), config["order"], config.get("quantize", "vq"))
     model.load_state_dict(load_state(stem, device))
     return model.to(device).eval(), config

@@ -1,10 +1,12 @@
 """Training the tokenizer (paper eq. 6) with the shared loop, and measuring it (paper Figure 7).
 
-L = ‖I − Î‖² + VQ(β) + λ_p·LPIPS(I, Î) + λ_G·w·GAN(Î) + λ_prefix·Σ_k ‖B_k − D(f̂_{≤B_k})‖²
+L = ‖I − Î‖² + VQ(β) + λ_p·LPIPS(I, Î) + λ_G·w·GAN(Î) + λ_prefix·Σ_k ‖B_k − D(f̂_{≤B_k})‖² [+ λ_latent·mean f²]
 
-where the VQ term is the codebook and commitment loss of every map, w is VQGAN's adaptive weight (the ratio of
-the reconstruction and adversarial gradient norms at the decoder's last layer) and the last term makes every
-component prefix decode to its base, so that next-detail prefixes are real images.
+where the VQ term is the codebook and commitment loss of every map (continuous tokens: the same terms train φ and
+pull the encoder towards what the coarse maps express), w is VQGAN's adaptive weight (the ratio of the
+reconstruction and adversarial gradient norms at the decoder's last layer), the prefix term makes every
+component prefix decode to its base, so that next-detail prefixes are real images, and the last term
+(continuous tokens only) bounds the latent's scale.
 """
 
 from __future__ import annotations
@@ -73,6 +75,12 @@ class TokenizerLossConfig:
     restart_every: int = Field(
         50, ge=0, description="Steps between restarts of dead codes from encoder residuals (0: never)."
     )
+    lambda_latent: float = Field(
+        1e-3,
+        ge=0,
+        description="tokenizer.quantize continuous only: weight of the mean square of the encodings f_{B_k}, which "
+        'keeps the latent\'s scale bounded where no codebook anchors it (README, "Continuous tokens").',
+    )
     init_codes_from_data: bool = Field(
         True,
         description="After the first step, set every code to a residual the quantiser saw (data-dependent init, "
@@ -84,6 +92,12 @@ class TokenizerLossConfig:
 @section
 class TokenizerConfig:
     model: TokenizerModelConfig = Field(default_factory=TokenizerModelConfig, description="Architecture.")
+    quantize: Literal["vq", "continuous"] = Field(
+        "vq",
+        description="vq: every map's tokens are codes of the codebook (VAR, CART); continuous: no codebook, a map's "
+        "tokens are its area-downsampled residual itself, and all maps compose to f exactly (the transformer then "
+        "needs transformer.head diffusion).",
+    )
     loss: TokenizerLossConfig = Field(default_factory=TokenizerLossConfig, description="Loss weights (eq. 6).")
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(lr=1e-3, beta1=0.5, beta2=0.9), description="Optimisation."
@@ -263,6 +277,9 @@ class TokenizerTask:
             rec_loss = rec_loss + self.cfg.lambda_perceptual * perceptual
             logs["lpips"] = perceptual.item()
         loss = rec_loss + quantized.vq_loss
+        if self.model.continuous:
+            loss = loss + self.cfg.lambda_latent * quantized.latent_ms
+            logs["latent_ms"] = quantized.latent_ms.item()
         if highres is not None:
             highres_loss = F.mse_loss(quantized.autoencoded, highres)
             loss = loss + self.cfg.lambda_highres * highres_loss
@@ -283,10 +300,11 @@ class TokenizerTask:
             logs |= {"gan_g": generator.item(), "gan_weight": float(weight)}
         if self.disc is not None:
             self._fakes.append(recon.detach())
-        with torch.no_grad():
-            for idx in quantized.indices:
-                self.usage.add_(torch.bincount(idx.flatten(), minlength=self.usage.numel()))
-            self._residuals = quantized.residual_sample
+        if not self.model.continuous:
+            with torch.no_grad():
+                for idx in quantized.indices:
+                    self.usage.add_(torch.bincount(idx.flatten(), minlength=self.usage.numel()))
+                self._residuals = quantized.residual_sample
         return loss, logs
 
     def _highres_batch(self, step: int, device: torch.device) -> torch.Tensor | None:
@@ -320,6 +338,8 @@ class TokenizerTask:
         return loss, {"gan_d": loss.item()}
 
     def after_step(self, step: int, batch) -> dict[str, float]:
+        if self.model.continuous:  # no codes to start or restart
+            return {}
         if step == 0 and self.codes_from_data and self._residuals is not None:
             # With VQGAN's near-zero init every latent first snaps to a handful of codes, φ(z) is almost constant,
             # the decoder learns to ignore it and the encoder collapses onto the codes: the one-map VQ-VAE never
@@ -371,20 +391,24 @@ def evaluate_tokenizer(
     """Reconstruction quality at every quantisation depth (paper Figure 7) and codebook health, on val.
 
     ``mse_depth`` [m−1] is the MSE between I and the decode of the first m maps; ``prefix_mse`` [p] compares the
-    p-th component prefix with the base it should reproduce (B_n, …, B_1).
+    p-th component prefix with the base it should reproduce (B_n, …, B_1). Continuous tokens have no codebook:
+    ``latent_rms`` (the RMS of the image's encoding, what the latent regulariser bounds) takes its place.
     """
     model.eval()
     device = next(model.parameters()).device
     M = model.layout.num_maps
     sums = np.zeros(M)
     prefix_sums = np.zeros(model.order)
-    lpips_sum, count = 0.0, 0
+    lpips_sum, latent_ms, count = 0.0, 0.0, 0
     usage = torch.zeros(model.cfg.codebook_size, dtype=torch.long, device=device)
     for image, bases, _ in batches:
         image, bases = image.to(device), bases.to(device)
         indices = model.tokenize(image, bases)
-        for idx in indices:
-            usage += torch.bincount(idx.flatten(), minlength=usage.numel())
+        if model.continuous:
+            latent_ms += model.encode(image).square().mean((1, 2, 3)).sum().item()
+        else:
+            for idx in indices:
+                usage += torch.bincount(idx.flatten(), minlength=usage.numel())
         ends = model.layout.component_ends()
         for m in range(1, M + 1):
             decoded = model.decode_prefix(indices, m)
@@ -403,8 +427,11 @@ def evaluate_tokenizer(
     result: dict[str, Any] = {
         "mse": mse_depth[-1],
         "psnr": psnr(mse_depth[-1]),
-        "codebook_used": float((usage > 0).float().mean()),
-        "perplexity": perplexity(usage),
+        **(
+            {"latent_rms": math.sqrt(latent_ms / count)}
+            if model.continuous
+            else {"codebook_used": float((usage > 0).float().mean()), "perplexity": perplexity(usage)}
+        ),
         "images": count,
         "mse_depth": mse_depth,
         "psnr_depth": [psnr(v) for v in mse_depth],
@@ -490,7 +517,7 @@ def train_tokenizers(
     models: dict[str, Tokenizer] = {}
     for variant in variants(cfg, order):
         torch.manual_seed(cfg.train.seed)
-        model = Tokenizer(variant.model, variant.order)
+        model = Tokenizer(variant.model, variant.order, cfg.quantize)
         if cfg.init_from:
             copied = init_tokenizer_from(model, cfg.init_from)
             log(f"{variant.name}: copied from {cfg.init_from}: {', '.join(copied)}")

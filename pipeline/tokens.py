@@ -3,6 +3,10 @@
 One output shard per input shard; per sample ``tokens.npy`` (int16, all token maps concatenated in generation
 order: base scales, then the detail maps of D_n … D_1) and ``cls``. The manifest records the token layout so a
 reader can split the sequence back into maps without the tokenizer.
+
+A continuous tokenizer's tokens are vectors: ``tokens.npy`` is float16 (L × C), the same order, and the manifest
+says ``"quantize": "continuous"`` and gives every map's token RMS over the first train images (``token_rms``), the
+scale the diffusion head standardises each map's tokens by.
 """
 
 from __future__ import annotations
@@ -29,18 +33,20 @@ class ExtractTokensConfig:
 
 
 def flatten_maps(indices: list[torch.Tensor]) -> torch.Tensor:
-    """Token maps idx_Bhw (generation order) → one sequence idx_BL."""
+    """Token maps (generation order) → one sequence: idx_Bhw → idx_BL, or continuous z_BChw → z_BLC."""
+    if indices[0].is_floating_point():
+        return torch.cat([z.flatten(2).transpose(1, 2) for z in indices], dim=1)
     return torch.cat([idx.flatten(1) for idx in indices], dim=1)
 
 
 def split_maps(idx_BL: torch.Tensor, layout: TokenLayout) -> list[torch.Tensor]:
-    """The inverse of ``flatten_maps``: idx_BL → [idx_Bhw] in generation order."""
+    """The inverse of ``flatten_maps``: idx_BL → [idx_Bhw], or z_BLC → [z_BChw], in generation order."""
     if idx_BL.shape[1] != layout.num_tokens:
         raise ValueError(f"{idx_BL.shape[1]} tokens per image, but the layout has {layout.num_tokens}")
-    return [
-        idx_BL[:, start:end].view(-1, m.side, m.side)
-        for m, start, end in zip(layout.maps, layout.offsets, layout.offsets[1:], strict=False)
-    ]
+    spans = zip(layout.maps, layout.offsets, layout.offsets[1:], strict=False)
+    if idx_BL.is_floating_point():
+        return [idx_BL[:, a:b].transpose(1, 2).unflatten(2, (m.side, m.side)) for m, a, b in spans]
+    return [idx_BL[:, a:b].view(-1, m.side, m.side) for m, a, b in spans]
 
 
 def layout_from_manifest(manifest: dict[str, Any]) -> TokenLayout:
@@ -48,8 +54,23 @@ def layout_from_manifest(manifest: dict[str, Any]) -> TokenLayout:
 
 
 def decode_token_sample(raw: dict[str, Any]) -> tuple[torch.Tensor, int]:
-    """(idx_L as int64, cls): what the transformer trains on."""
-    return torch.from_numpy(shards.decode_npy(raw["tokens.npy"]).astype(np.int64)), int(raw["cls"])
+    """(idx_L as int64, or continuous z_LC as float32; cls): what the transformer trains on."""
+    tokens = shards.decode_npy(raw["tokens.npy"])
+    dtype = np.float32 if tokens.dtype == np.float16 else np.int64
+    return torch.from_numpy(tokens.astype(dtype)), int(raw["cls"])
+
+
+def token_rms(urls: list[str], layout: TokenLayout, max_images: int = 1024) -> list[float]:
+    """Per map, the RMS of the continuous tokens of the first ``max_images`` images of ``urls`` (in order)."""
+    sums, count = torch.zeros(layout.num_maps, dtype=torch.float64), 0
+    map_of_token_L = torch.repeat_interleave(torch.arange(layout.num_maps), torch.tensor(layout.lengths))
+    for raw in shards.read_samples(urls):
+        z_LC = decode_token_sample(raw)[0].double()
+        sums.index_add_(0, map_of_token_L, z_LC.square().mean(1))
+        count += 1
+        if count == max_images:
+            break
+    return (sums / (torch.tensor(layout.lengths) * max(count, 1))).sqrt().tolist()
 
 
 @torch.no_grad()
@@ -61,7 +82,10 @@ def tokenize_shard(samples: list[dict[str, Any]], tokenizer: Tokenizer, batch_si
         decoded = [shards.decoded(raw, decode_training_sample) for raw in chunk]
         image = torch.stack([d[0] for d in decoded]).to(device)
         bases = torch.stack([d[1] for d in decoded]).to(device)
-        idx_BL = flatten_maps(tokenizer.tokenize(image, bases)).cpu().numpy().astype(np.int16)
+        # Continuous tokens keep half precision: the tokens of the residual's finest detail are small numbers, and
+        # every stored token is what teacher forcing composes the inputs from, as sampling will.
+        dtype = np.float16 if tokenizer.continuous else np.int16
+        idx_BL = flatten_maps(tokenizer.tokenize(image, bases)).cpu().numpy().astype(dtype)
         for raw, idx_L in zip(chunk, idx_BL, strict=True):
             out.append({"__key__": raw["__key__"], "tokens.npy": shards.encode_npy(idx_L), "cls": raw["cls"]})
     return out
@@ -120,6 +144,9 @@ def extract_tokens(
         "layout": layout.to_json(),
         "tokenizer": str(stem),
     }
+    if tokenizer.continuous:
+        train_urls = [str(work.path(names[url])) for url in urls["train"]]
+        manifest |= {"quantize": "continuous", "token_rms": token_rms(train_urls, layout)}
     atomic.write_json(work.path("manifest.json"), manifest)
     work.finish()
     return manifest

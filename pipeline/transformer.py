@@ -9,6 +9,10 @@ detail level its own).
 
 Sampling goes map by map with a KV cache: map m's tokens attend to the cached keys and values of maps < m and to
 one another, so no mask is needed. Classifier-free guidance runs conditional and unconditional rows as one batch.
+
+The head is a softmax over the codebook, or, for a continuous tokenizer, MAR's diffusion head
+(``pipeline.diffusion``): the trunk's output z of a token conditions a small denoiser that draws the token's vector,
+standardised by its map's token RMS. Everything else (inputs, cache, guidance rows) is the same for both.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import nn
 
 from pipeline.coarse import FineHead
 from pipeline.config import Field, section
+from pipeline.diffusion import DiffusionConfig, DiffusionHead
 from pipeline.tokenizer import Tokenizer, TokenLayout
 from pipeline.weights import load_config, load_state, save_weights
 
@@ -103,7 +108,15 @@ class SamplingConfig:
     )
     top_k: int = Field(0, ge=0, description="Sample among the k likeliest codes (0: all).")
     top_p: float = Field(0.0, ge=0, le=1, description="Nucleus sampling: the likeliest codes covering p (0 or 1: off).")
-    temperature: float = Field(1.0, gt=0, description="Logits are divided by this before filtering.")
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        description="Logits are divided by this before filtering; diffusion head: the noise of every reverse step is "
+        "multiplied by it (MAR's τ).",
+    )
+    diffusion_steps: int = Field(
+        50, ge=1, description="Diffusion head only: reverse steps per token, evenly spaced over the noise levels."
+    )
     seed: int = Field(0, ge=0, description="Seed of the sampling generator when none is passed.")
     weights: Literal["ema", "raw"] = Field(
         "ema",
@@ -227,7 +240,8 @@ class CART(nn.Module):
     """Class-conditional decoder-only transformer over a ``TokenLayout``: logits over the codebook per token.
 
     With ``clusters`` > 0 (coarse-to-fine prediction, ``pipeline.coarse``) the head's logits are over the coarse
-    labels and ``self.fine`` predicts the code given its label.
+    labels and ``self.fine`` predicts the code given its label. With ``diffusion`` (continuous tokens) the head is
+    the identity: the trunk's output is the condition z of a diffusion head per token.
     """
 
     def __init__(
@@ -237,7 +251,9 @@ class CART(nn.Module):
         num_classes: int,
         codebook_size: int,
         latent_channels: int,
+        *,
         clusters: int = 0,
+        diffusion: DiffusionConfig | None = None,
     ):
         super().__init__()
         self.cfg, self.layout = cfg, layout
@@ -261,12 +277,19 @@ class CART(nn.Module):
         self.ada_lin = nn.Linear(C, (6 * cfg.depth + 2) * C)
         rates = torch.linspace(0, cfg.resolved_drop_path, cfg.depth, device="cpu").tolist()  # VAR's linear rule
         self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
-        self.head = nn.Linear(C, clusters or codebook_size)
+        if clusters and diffusion is not None:
+            raise ValueError("coarse-to-fine prediction needs a codebook: clusters > 0 and a diffusion head exclude")
+        self.head = nn.Linear(C, clusters or codebook_size) if diffusion is None else nn.Identity()
         self.fine = FineHead(C, codebook_size, clusters) if clusters else None
         # Training recomputes each block's activations in the backward pass instead of keeping them (set by the
         # training task; not part of the architecture or the weights).
         self.checkpoint_activations = False
         self._init_weights()
+        self.diffusion = None if diffusion is None else DiffusionHead(diffusion, latent_channels, C)
+        if diffusion is not None:
+            # Every map's token RMS (the manifest's token_rms): the head models tokens divided by it, so that the
+            # small residuals of late maps meet the noise schedule at unit scale as the coarse maps do.
+            self.register_buffer("token_rms_M", torch.ones(layout.num_maps))
 
     def decayed_embeddings(self) -> list[nn.Parameter]:
         """Embedding tables that weight decay applies to all the same (VAR decays its class embedding)."""
@@ -287,7 +310,8 @@ class CART(nn.Module):
                 nn.init.zeros_(module.bias)
         C, depth = cfg.resolved_width, cfg.depth
         with torch.no_grad():
-            self.head.weight.mul_(cfg.init_head)
+            if isinstance(self.head, nn.Linear):
+                self.head.weight.mul_(cfg.init_head)
             if self.fine is not None:
                 self.fine.fc2.weight.mul_(cfg.init_head)
             factor_K = torch.full((6 * depth + 2,), cfg.init_adaln)
@@ -341,7 +365,12 @@ class CART(nn.Module):
     # -- teacher forcing ---------------------------------------------------------------------------------------
 
     def forward(
-        self, label_B: torch.Tensor, x_BlC: torch.Tensor, coarse_BL: torch.Tensor | None = None
+        self,
+        label_B: torch.Tensor,
+        x_BlC: torch.Tensor,
+        *,
+        coarse_BL: torch.Tensor | None = None,
+        tokens_BLC: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing: logits_BLV of every token from the class and the inputs of maps 1 … M−1.
 
@@ -352,6 +381,9 @@ class CART(nn.Module):
         Coarse-to-fine, the logits are over the coarse labels (logits_BLK); given every token's label
         ``coarse_BL``, the fine head's logits come too, in the same call (DDP sees one forward): (logits_BLK,
         fine_BLV), the fine ones not yet restricted to the label's codes (``FineHead.restrict``).
+
+        With the diffusion head: the condition z_BLC of every token, or given the continuous tokens ``tokens_BLC``
+        their diffusion loss, loss_BL (computed here, so that DDP sees the head in its forward).
         """
         if self.training and self.cfg.class_dropout > 0:
             dropped_B = torch.rand(label_B.shape, device=label_B.device) < self.cfg.class_dropout
@@ -364,25 +396,36 @@ class CART(nn.Module):
         with torch.autocast(x_BlC.device.type, enabled=False):  # embeddings in fp32 whatever the precision, as VAR
             x_BLC = torch.cat([self.start_tokens(cond_BC), self.input_embed(x_BlC) + self.position(L0, L)], dim=1)
         h_BLC = self.trunk(x_BLC, mod_B1KC, self.mask_LL[:L, :L])
-        if coarse_BL is None:
-            return self.head(h_BLC)
-        return self.head(h_BLC), self.fine(h_BLC, coarse_BL)
+        out_BLC = self.head(h_BLC)
+        if tokens_BLC is not None:
+            target_BLC = tokens_BLC / self.token_rms_L(L)[:, None]
+            return self.diffusion.loss(out_BLC.flatten(0, 1), target_BLC.flatten(0, 1)).view(label_B.shape[0], L)
+        if coarse_BL is not None:
+            return out_BLC, self.fine(h_BLC, coarse_BL)
+        return out_BLC
+
+    def token_rms_L(self, length: int) -> torch.Tensor:
+        """The diffusion head's scale of each of the first ``length`` tokens: its map's token RMS."""
+        lengths = torch.tensor(self.layout.lengths, device=self.token_rms_M.device)
+        return torch.repeat_interleave(self.token_rms_M.clamp_min(1e-6), lengths)[:length]
 
 
-def forward_flops(model: CART, trunk_rows: int, head_rows: int) -> float:
+def forward_flops(model: CART, trunk_rows: int, head_rows: int, diffusion_steps: int | None = None) -> float:
     """Forward FLOPs of whole sequences: 2 per weight each token multiplies (not the per-image class and AdaLN
     weights) plus QKᵀ and AV over the keys each query may see; the head runs on ``head_rows`` of them, a
-    coarse-to-fine model's fine head on every trunk row (guidance mixes its logits, not its input).
-    Training costs 3× the forward of its batch (forward and twice that backward)."""
+    coarse-to-fine model's fine head on every trunk row (guidance mixes its logits, not its input). A diffusion
+    head runs once per noise draw in training, or ``diffusion_steps`` times in sampling (where guidance gives it
+    both rows). Training costs 3× the forward of its batch (forward and twice that backward)."""
     layout, C, depth = model.layout, model.cfg.resolved_width, model.cfg.depth
     trunk = sum(p.numel() for m in [*model.blocks, model.input_embed] for p in m.parameters() if p.ndim == 2)
     visible = int(model.mask_LL.sum())  # query-key pairs the mask lets through
     per_sequence = 2 * trunk * layout.num_tokens + 4 * C * visible * depth
     fine = 0 if model.fine is None else sum(m.weight.numel() for m in (model.fine.fc1, model.fine.fc2))
-    return (
-        trunk_rows * (per_sequence + 2 * fine * layout.num_tokens)
-        + head_rows * 2 * model.head.weight.numel() * layout.num_tokens
-    )
+    if model.diffusion is None:
+        head = model.head.weight.numel()
+    else:
+        head = model.diffusion.matrix_weights() * (diffusion_steps or model.diffusion.cfg.draws)
+    return trunk_rows * (per_sequence + 2 * fine * layout.num_tokens) + head_rows * 2 * head * layout.num_tokens
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -480,7 +523,8 @@ def generate(
         return _generate_tokens(model, tokenizer, label_B, cfg, generator, on_map)
     layout, B = model.layout, len(label_B)
     prefix = prefix or []
-    expected = [(B, m.side, m.side) for m in layout.maps[: len(prefix)]]
+    channels = () if model.diffusion is None else (model.latent_channels,)
+    expected = [(B, *channels, m.side, m.side) for m in layout.maps[: len(prefix)]]
     if len(prefix) > layout.num_maps or [tuple(i.shape) for i in prefix] != expected:
         raise ValueError(f"prefix shapes {[tuple(i.shape) for i in prefix]}: expected the first maps, {expected}")
     guided = cfg.guidance != 1.0
@@ -490,9 +534,12 @@ def generate(
         h_BlC = model.trunk(x_BlC, mod_B1KC, None, caches)  # a given map still fills the cache
         if m < len(prefix):
             idx_Bhw = prefix[m]
-        else:
+        elif model.diffusion is None:
             weight = guidance_weight(cfg, m, layout.num_maps) if guided else None
             idx_Bhw = draw_codes(model, h_BlC, weight, cfg, generator).view(B, token_map.side, token_map.side)
+        else:
+            z_BlC = sample_continuous(model, h_BlC, m, cfg, generator, guided)
+            idx_Bhw = z_BlC.transpose(1, 2).unflatten(2, (token_map.side, token_map.side))  # z_BChw
         indices.append(idx_Bhw)
         if on_map is not None:
             on_map(m, list(indices))
@@ -505,6 +552,17 @@ def generate(
         if guided:
             x_BlC = x_BlC.repeat(2, 1, 1)
     return indices
+
+
+def sample_continuous(
+    model: CART, h_BlC: torch.Tensor, map_index: int, cfg: SamplingConfig, generator: torch.Generator, guided: bool
+) -> torch.Tensor:
+    """Map m's continuous tokens z_BlC, each drawn by the diffusion head from its z (guided: the conditional rows
+    of ``h_BlC``, then the unconditional ones, whose predictions are combined with map m's guidance weight)."""
+    rows, l, _ = h_BlC.shape
+    w = guidance_weight(cfg, map_index, model.layout.num_maps) if guided else None
+    x_NC = model.diffusion.sample(h_BlC.flatten(0, 1), cfg.diffusion_steps, cfg.temperature, generator, w)
+    return x_NC.view(rows // 2 if guided else rows, l, -1) * model.token_rms_M[map_index].clamp_min(1e-6)
 
 
 def _start_sampling(
@@ -557,10 +615,12 @@ def _generate_tokens(
 
 
 def save_transformer(stem: str | Path, model: CART, extra: dict | None = None) -> None:
-    """``<stem>.safetensors`` + ``<stem>.json``: architecture, class count, codebook, latent channels, layout."""
+    """``<stem>.safetensors`` + ``<stem>.json``: architecture (and diffusion head), class count, codebook, latent
+    channels, layout."""
     layout = model.layout
     config = {
         "model": dataclasses.asdict(model.cfg),
+        **({"diffusion": dataclasses.asdict(model.diffusion.cfg)} if model.diffusion is not None else {}),
         "num_classes": model.num_classes,
         "codebook_size": model.codebook_size,
         "latent_channels": model.latent_channels,
@@ -598,6 +658,7 @@ def load_transformer(stem: str | Path, device: torch.device | str = "cpu") -> tu
         config["codebook_size"],
         config["latent_channels"],
         clusters=0 if coarse_V is None else int(coarse_V.max()) + 1,
+        diffusion=DiffusionConfig(**config["diffusion"]) if "diffusion" in config else None,
     )
     if coarse_V is not None:
         model.fine.set_clusters(coarse_V)

@@ -2,8 +2,8 @@
 
 Teacher forcing reads the stored tokens of an image, rebuilds with the frozen tokenizer the input of every map
 (f̂ after the maps before it, exactly as sampling will) and predicts all maps at once; the loss is the
-cross-entropy over all tokens. Loss and accuracy are also logged per map, so the difficulty of base scales and
-detail maps can be told apart.
+cross-entropy over all tokens (continuous tokens: the diffusion loss of every token). Loss and accuracy (softmax
+only) are also logged per map, so the difficulty of base scales and detail maps can be told apart.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pipeline import atomic
 from pipeline.coarse import CoarseConfig, codebook_clusters
 from pipeline.config import ConfigError, Field, section
+from pipeline.diffusion import DiffusionConfig
 from pipeline.progress import Progress
 from pipeline.self_correction import SelfCorrectionConfig, self_correct
 from pipeline.tokenizer import Tokenizer, TokenLayout, load_tokenizer
@@ -62,6 +63,14 @@ class TransformerTrainConfig(TrainConfig):
 @section
 class TransformerConfig:
     model: TransformerModelConfig = Field(default_factory=TransformerModelConfig, description="Architecture.")
+    head: Literal["softmax", "diffusion"] = Field(
+        "softmax",
+        description="softmax: logits over the codebook (VAR, CART); diffusion: MAR's per-token diffusion head over "
+        "continuous tokens (needs tokenizer.quantize continuous).",
+    )
+    diffusion: DiffusionConfig = Field(
+        default_factory=DiffusionConfig, description="The diffusion head's size and training (head diffusion only)."
+    )
     train: TransformerTrainConfig = Field(
         default_factory=lambda: TransformerTrainConfig(weight_decay=0.05, beta1=0.9, beta2=0.95),
         description="Optimisation (AdamW β = (0.9, 0.95), weight decay 0.05 as in VAR), EMA, activation "
@@ -86,6 +95,26 @@ class TransformerConfig:
                 f"train.self_correction.p = {self.train.self_correction.p} needs model.prediction: next_map (the "
                 f"perturbation is of a whole map, corrected by the maps after it; next_token has one token per step)"
             )
+        if self.head == "diffusion" and self.model.prediction != "next_map":
+            raise ValueError(
+                "transformer.head diffusion draws whole maps: transformer.model.prediction must be next_map "
+                f"(it is {self.model.prediction})"
+            )
+        # Both perturb or cluster codes of a codebook, which continuous tokens do not have.
+        if self.head == "diffusion" and self.coarse.clusters:
+            raise ValueError(
+                f"coarse.clusters = {self.coarse.clusters} clusters a codebook: set it to 0 with head diffusion"
+            )
+        if self.head == "diffusion" and self.train.self_correction.p > 0:
+            raise ValueError(
+                f"train.self_correction.p = {self.train.self_correction.p} replaces codes of a codebook: set it to 0 "
+                "with head diffusion"
+            )
+
+    @property
+    def diffusion_head(self) -> DiffusionConfig | None:
+        """The diffusion head's config, or None for the softmax head."""
+        return self.diffusion if self.head == "diffusion" else None
 
 
 def map_names(layout: TokenLayout) -> list[str]:
@@ -161,15 +190,16 @@ class TransformerTask:
             logs |= self._per_map(loss_BL, correct_BL)
         return loss_BL.mean(), logs
 
-    def _per_map(self, loss_BL: torch.Tensor, correct_BL: torch.Tensor) -> dict[str, float]:
+    def _per_map(self, loss_BL: torch.Tensor, correct_BL: torch.Tensor | None = None) -> dict[str, float]:
+        """Per-map means of the loss and (softmax) the accuracy."""
         sums = torch.zeros(2, len(self.names), device=loss_BL.device, dtype=torch.float64)
         sums[0].index_add_(0, self.map_of_token_L, loss_BL.sum(0).double())
-        sums[1].index_add_(0, self.map_of_token_L, correct_BL.sum(0).double())
+        if correct_BL is not None:
+            sums[1].index_add_(0, self.map_of_token_L, correct_BL.sum(0).double())
         sums /= torch.tensor(self.model.layout.lengths, device=sums.device) * loss_BL.shape[0]
         loss_M, acc_M = sums.tolist()
-        return {f"loss_{n}": v for n, v in zip(self.names, loss_M, strict=True)} | {
-            f"acc_{n}": v for n, v in zip(self.names, acc_M, strict=True)
-        }
+        accuracy = {} if correct_BL is None else {f"acc_{n}": v for n, v in zip(self.names, acc_M, strict=True)}
+        return {f"loss_{n}": v for n, v in zip(self.names, loss_M, strict=True)} | accuracy
 
     def after_step(self, step: int, batch) -> dict[str, float]:
         if self.ema is not None:
@@ -183,20 +213,23 @@ class TransformerTask:
 
 def token_losses(
     net: torch.nn.Module, model: CART, label_B: torch.Tensor, x_BlC: torch.Tensor, idx_BL: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
     """Per token, the loss and whether the greedy prediction is the target: (loss_BL, correct_BL, parts).
 
     ``net`` is ``model`` or its DDP wrapper. Coarse-to-fine, the loss is the coarse label's CE plus the fine code's
     CE given the true label, i.e. −log p(label)·p(code | label), the code's NLL as the plain head's; the greedy
     prediction (likeliest label, then its likeliest code) is right exactly when both argmaxes are; ``parts`` holds
-    the mean of each term.
+    the mean of each term. With the diffusion head ``idx_BL`` holds the continuous tokens (z_BLC), the loss is the
+    diffusion loss and there is no greedy prediction (correct_BL is None).
     """
+    if model.diffusion is not None:
+        return net(label_B, x_BlC, tokens_BLC=idx_BL), None, {}
     if model.fine is None:
         logits_BLV = net(label_B, x_BlC)
         loss_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), idx_BL, reduction="none")
         return loss_BL, logits_BLV.argmax(-1) == idx_BL, {}
     coarse_BL = model.fine.cluster_V[idx_BL]
-    logits_BLK, fine_BLV = net(label_B, x_BlC, coarse_BL)
+    logits_BLK, fine_BLV = net(label_B, x_BlC, coarse_BL=coarse_BL)
     fine_BLV = model.fine.restrict(fine_BLV.float(), coarse_BL)
     coarse_loss_BL = F.cross_entropy(logits_BLK.float().transpose(1, 2), coarse_BL, reduction="none")
     fine_loss_BL = F.cross_entropy(fine_BLV.transpose(1, 2), idx_BL, reduction="none")
@@ -207,7 +240,10 @@ def token_losses(
 
 @torch.no_grad()
 def evaluate_transformer(model: CART, tokenizer: Tokenizer, batches: Iterator) -> dict[str, float]:
-    """Teacher-forced val loss and token accuracy, overall and per map, with the true labels (no dropout)."""
+    """Teacher-forced val loss and token accuracy, overall and per map, with the true labels (no dropout).
+
+    The diffusion loss draws noise levels and noise: from a fixed seed, so that every evaluation of the same
+    weights gives the same number (the training stream is left where it was)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -215,14 +251,18 @@ def evaluate_transformer(model: CART, tokenizer: Tokenizer, batches: Iterator) -
     task.map_of_token_L = task.map_of_token_L.to(device)
     sums: dict[str, float] = {}
     count = 0
-    for idx_BL, label_B in batches:
-        idx_BL, label_B = idx_BL.to(device), label_B.to(device)
-        loss_BL, correct_BL, parts = token_losses(model, model, label_B, task.inputs(idx_BL), idx_BL)
-        batch = {"loss": loss_BL.mean().item(), "acc": correct_BL.float().mean().item()}
-        batch |= {k: v.item() for k, v in parts.items()} | task._per_map(loss_BL, correct_BL)
-        for k, v in batch.items():
-            sums[k] = sums.get(k, 0.0) + v * len(label_B)
-        count += len(label_B)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        for idx_BL, label_B in batches:
+            idx_BL, label_B = idx_BL.to(device), label_B.to(device)
+            loss_BL, correct_BL, parts = token_losses(model, model, label_B, task.inputs(idx_BL), idx_BL)
+            batch = {"loss": loss_BL.mean().item()}
+            if correct_BL is not None:
+                batch["acc"] = correct_BL.float().mean().item()
+            batch |= {k: v.item() for k, v in parts.items()} | task._per_map(loss_BL, correct_BL)
+            for k, v in batch.items():
+                sums[k] = sums.get(k, 0.0) + v * len(label_B)
+            count += len(label_B)
     model.train(was_training)
     return {k: v / max(count, 1) for k, v in sums.items()}
 
@@ -300,10 +340,15 @@ class TransformerPaths:
 
 
 def build_model(
-    cfg: TransformerModelConfig, manifest: dict[str, Any], seed: int, coarse_V: torch.Tensor | None = None
+    cfg: TransformerModelConfig,
+    manifest: dict[str, Any],
+    seed: int,
+    coarse_V: torch.Tensor | None = None,
+    diffusion: DiffusionConfig | None = None,
 ) -> CART:
-    """The transformer to train, initialised from ``seed``; with ``coarse_V`` (the coarse label of every code) a
-    coarse-to-fine one."""
+    """A fresh transformer for the tokens of ``manifest``, initialised from ``seed``; with ``coarse_V`` (the coarse
+    label of every code) a coarse-to-fine one; with ``diffusion``, that diffusion head (continuous tokens), its
+    per-map scales the manifest's token RMS."""
     torch.manual_seed(seed)
     model = CART(
         cfg,
@@ -312,9 +357,13 @@ def build_model(
         manifest["codebook_size"],
         manifest["latent_channels"],
         clusters=0 if coarse_V is None else int(coarse_V.max()) + 1,
+        diffusion=diffusion,
     )
     if coarse_V is not None:
         model.fine.set_clusters(coarse_V)
+    if diffusion is not None:
+        with torch.no_grad():
+            model.token_rms_M.copy_(torch.tensor(manifest["token_rms"]))
     return model
 
 
@@ -326,6 +375,8 @@ def run_settings(cfg: TransformerConfig) -> dict[str, Any]:
         del settings["train"]["self_correction"]
     if cfg.coarse.clusters:
         settings["coarse"] = dataclasses.asdict(cfg.coarse)
+    if cfg.diffusion_head is not None:
+        settings["diffusion"] = dataclasses.asdict(cfg.diffusion_head)
     return settings
 
 
@@ -350,6 +401,12 @@ def train_transformer(
         raise ValueError(
             f"{paths.tokens} was tokenized with another layout than {paths.tokenizer}.json: rerun extract_tokens"
         )
+    continuous = manifest.get("quantize") == "continuous"
+    if continuous != (cfg.head == "diffusion"):
+        raise ValueError(
+            f"{paths.tokens} holds {'continuous' if continuous else 'vq'} tokens but transformer.head is {cfg.head}: "
+            "rerun extract_tokens after train_tokenizer with the tokenizer.quantize that transformer.head needs"
+        )
     train_urls, val_urls = split_shards(paths.tokens / "train"), split_shards(paths.tokens / "val")
     if not train_urls or not val_urls:
         raise FileNotFoundError(f"{paths.tokens}: the transformer needs train and val token shards")
@@ -360,7 +417,7 @@ def train_transformer(
     coarse_V = None
     if cfg.coarse.clusters:
         coarse_V = codebook_clusters(tokenizer.codebook.weight, cfg.coarse.clusters, cfg.train.seed)
-    model = build_model(cfg.model, manifest, cfg.train.seed, coarse_V)
+    model = build_model(cfg.model, manifest, cfg.train.seed, coarse_V, cfg.diffusion_head)
     if cfg.init_from:
         report = init_transformer_from(model, cfg.init_from)
         log(f"copied from {cfg.init_from}: {', '.join(report.copied + report.partly) or 'nothing'}")
@@ -390,11 +447,11 @@ def train_transformer(
     names = map_names(model.layout)
     result = {
         "val_loss": after["val/loss"],
-        "val_acc": after["val/acc"],
+        "val_acc": after.get("val/acc"),
         "val_loss_untrained": before["loss"],
         "val_loss_per_map": {n: after[f"val/loss_{n}"] for n in names},
         "val_loss_per_map_untrained": {n: before[f"loss_{n}"] for n in names},
-        "val_acc_per_map": {n: after[f"val/acc_{n}"] for n in names},
+        "val_acc_per_map": {n: after.get(f"val/acc_{n}") for n in names},
         **(
             {"val_loss_ema": evaluate_transformer(task.ema, tokenizer, iter(val_loader.epoch(0)))["loss"]}
             if task.ema
@@ -407,5 +464,7 @@ def train_transformer(
         "train_flops_per_image": 3 * forward_flops(model, 1, 1),
         **({"coarse_clusters": model.fine.clusters} if model.fine is not None else {}),
     }
+    if model.diffusion is not None:  # continuous tokens have no accuracy; their val loss is the diffusion loss
+        del result["val_acc"], result["val_acc_per_map"]
     atomic.write_json(paths.metrics, result)
     return result

@@ -364,6 +364,8 @@ def _exportable_tokenizer(tokenizer: Tokenizer, stem: Path) -> None:
         raise CheckpointError(
             f"{stem}: an order-{tokenizer.order} tokenizer has detail maps, which VAR has not: only order 0 exports"
         )
+    if tokenizer.continuous:
+        raise CheckpointError(f"{stem}: continuous tokens have no codebook, which VAR's VQVAE needs")
     problems = []
     lowest = len(cfg.channel_multipliers) - 1
     if sorted({a % (lowest + 1) for a in cfg.attention_levels}) != [lowest]:
@@ -407,6 +409,8 @@ def export_var(tokenizer_stem: Path, transformer_stem: Path | None, out: Path) -
             raise CheckpointError(f"{transformer_stem}: its token layout is not {tokenizer_stem}'s")
         if transformer.fine is not None:
             raise CheckpointError(f"{transformer_stem}: a coarse-to-fine head, which VAR's code has no place for")
+        if transformer.diffusion is not None:
+            raise CheckpointError(f"{transformer_stem}: a diffusion head, which VAR's code has no place for")
         t = transformer.cfg
         config["var"] = {
             "num_classes": transformer.num_classes,

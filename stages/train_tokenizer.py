@@ -36,12 +36,11 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
     rows = []
     for name, r in results.items():
         lpips = f", LPIPS {r['lpips']:.3f}" if "lpips" in r else ""
-        rows.append(
-            (
-                f"{name} (order {r['order']}, {r['maps']} maps)",
-                f"PSNR {r['psnr']:.2f} dB{lpips}, codebook used {100 * r['codebook_used']:.0f}%, "
-                f"perplexity {r['perplexity']:.0f}",
-            )
+        health = (
+            f"latent RMS {r['latent_rms']:.3f}"
+            if "latent_rms" in r
+            else f"codebook used {100 * r['codebook_used']:.0f}%, perplexity {r['perplexity']:.0f}"
         )
+        rows.append((f"{name} (order {r['order']}, {r['maps']} maps)", f"PSNR {r['psnr']:.2f} dB{lpips}, {health}"))
     if rows:
         summary("train-tokenizer (val)", rows)

@@ -34,7 +34,8 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
     if not result:
         return  # not the main process
     rows = [("val loss", f"{result['val_loss']:.3f} (untrained {result['val_loss_untrained']:.3f})")]
-    rows.append(("val token accuracy", f"{result['val_acc']:.3f}"))
+    if "val_acc" in result:  # the softmax head's; the diffusion head has none
+        rows.append(("val token accuracy", f"{result['val_acc']:.3f}"))
     for name, loss in result["val_loss_per_map"].items():
         rows.append((f"  {name}", f"loss {loss:.3f} (untrained {result['val_loss_per_map_untrained'][name]:.3f})"))
     summary("train-transformer (val, teacher forcing)", rows)

@@ -52,7 +52,7 @@ def test_the_ctf_loss_is_the_nll_of_a_distribution_over_the_whole_codebook(order
     log_p_BLV = torch.zeros(*idx_BL.shape, V)
     for k in range(model.fine.clusters):  # the joint, code by code, each under its own label
         coarse_BL = torch.full_like(idx_BL, k)
-        logits_BLK, fine_BLV = model(label_B, x_BlC, coarse_BL)
+        logits_BLK, fine_BLV = model(label_B, x_BlC, coarse_BL=coarse_BL)
         joint_BLV = logits_BLK.log_softmax(-1)[..., k : k + 1] + model.fine.restrict(fine_BLV, coarse_BL).log_softmax(
             -1
         )
@@ -63,7 +63,7 @@ def test_the_ctf_loss_is_the_nll_of_a_distribution_over_the_whole_codebook(order
     # Greedy: the likeliest label, then its likeliest code.
     logits_BLK = model(label_B, x_BlC)
     greedy_k = logits_BLK.argmax(-1)
-    greedy_v = model.fine.restrict(model(label_B, x_BlC, greedy_k)[1], greedy_k).argmax(-1)
+    greedy_v = model.fine.restrict(model(label_B, x_BlC, coarse_BL=greedy_k)[1], greedy_k).argmax(-1)
     assert torch.equal(correct_BL, greedy_v == idx_BL)
 
 
@@ -79,7 +79,7 @@ def test_save_then_load_keeps_the_clusters_and_the_logits(tmp_path):
     indices = random_indices(tokenizer, 2)
     x_BlC, label_B = tokenizer.teacher_forcing_inputs(indices), torch.tensor([0, 2])
     coarse_BL = model.fine.cluster_V[torch.cat([i.flatten(1) for i in indices], dim=1)]
-    for a, b in zip(loaded(label_B, x_BlC, coarse_BL), model(label_B, x_BlC, coarse_BL), strict=True):
+    for a, b in zip(loaded(label_B, x_BlC, coarse_BL=coarse_BL), model(label_B, x_BlC, coarse_BL=coarse_BL), strict=True):
         assert torch.equal(a, b)
 
 

@@ -143,3 +143,18 @@ def test_shard_command_with_missing_source_exits_1(tmp_path, monkeypatch):
     result = runner.invoke(app, ["shard", "--params", str(params)])
     assert result.exit_code == 1
     assert "does not exist" in result.output
+
+
+def test_the_cifar10_preset_sets_every_key_and_differs_from_the_demo_in_data_budgets_and_classifier_only():
+    def keys(values: dict, prefix: str = "") -> set[str]:
+        nested = (keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"} for k, v in values.items())
+        return set().union(*nested)
+
+    demo = yaml.safe_load((ROOT / "params.yaml").read_text())
+    cifar = yaml.safe_load((ROOT / "params/cifar10.yaml").read_text())
+    assert keys(cifar) == keys(demo)
+    p = load_params(ROOT / "params/cifar10.yaml")
+    assert p.data.resolution == 32 and p.data.highres_scale == p.evaluate.highres_scale == 0  # no 2× originals
+    assert p.evaluator.train.steps * p.evaluator.train.batch_size >= 10 * 45_000  # ~11 epochs of the train split
+    for section in ("tokenizer", "transformer"):  # the tables compare orders at the demo's network sizes
+        assert cifar[section]["model"] == demo[section]["model"]

@@ -10,6 +10,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from pipeline.diffusion import DiffusionConfig
 from pipeline.params import Params, load_params
 from pipeline.plan import ACTIVATION_BYTES, CHECKPOINTED_BYTES, IMAGENET_TRAIN_IMAGES
 from pipeline.tokenizer import TokenLayout
@@ -101,13 +102,37 @@ def test_the_plan_counts_the_coarse_to_fine_head(tmp_path):
     (tmp_path / "ctf.yaml").write_text(yaml.safe_dump(values))
     plan = plan_json(tmp_path / "ctf.yaml")
     with torch.device("meta"):
-        model = CART(TransformerModelConfig(depth=16), TokenLayout(VAR_256_SCALES, 3, 1, "append"), 1000, 4096, 32, 64)
+        model = CART(
+            TransformerModelConfig(depth=16), TokenLayout(VAR_256_SCALES, 3, 1, "append"), 1000, 4096, 32, clusters=64
+        )
     assert plan["transformer_parameters"] == sum(p.numel() for p in model.parameters())
     assert (
         plan["transformer_train_flops"]
         == 3 * forward_flops(model, 1, 1)
         > plan_json(PRESETS["cart"])["transformer_train_flops"]
     )
+
+
+def test_the_plan_prices_a_diffusion_head_per_noise_draw_in_training_and_per_reverse_step_on_both_rows(tmp_path):
+    values = yaml.safe_load(PRESETS["cart"].read_text())
+    values["tokenizer"]["quantize"], values["transformer"]["head"] = "continuous", "diffusion"
+    (tmp_path / "mar.yaml").write_text(yaml.safe_dump(values))
+    plan = plan_json(tmp_path / "mar.yaml")
+    diffusion = DiffusionConfig(**values["transformer"]["diffusion"])
+    with torch.device("meta"):
+        model = CART(
+            TransformerModelConfig(depth=16),
+            TokenLayout(VAR_256_SCALES, 3, 1, "append"),
+            1000,
+            4096,
+            32,
+            diffusion=diffusion,
+        )
+    head = model.diffusion.matrix_weights() * 2 * model.layout.num_tokens  # FLOPs of one head pass over a sequence
+    assert plan["transformer_parameters"] == sum(p.numel() for p in model.parameters())
+    assert plan["transformer_train_flops"] == 3 * (forward_flops(model, 1, 0) + diffusion.draws * head)
+    steps = values["transformer"]["sampling"]["diffusion_steps"]
+    assert plan["sample_flops"] == forward_flops(model, 2, 0) + 2 * steps * head + plan["decode_flops"]
 
 
 def saved_bytes(block: Block, batch: int, tokens: int, width: int) -> int:

@@ -178,7 +178,7 @@ def reference_sample(model: CART, tokenizer: Tokenizer, label_B, cfg: SamplingCo
         if model.fine is not None:
             coarse_BL = torch.zeros(len(labels), end, dtype=torch.long)  # earlier tokens' labels: any (unread)
             coarse_BL[:, start:] = idx_Bl.repeat(len(labels) // B, 1)
-            fine_BlV = guide(model(labels, x_BlC, coarse_BL)[1][:, start:], w)
+            fine_BlV = guide(model(labels, x_BlC, coarse_BL=coarse_BL)[1][:, start:], w)
             idx_Bl = sample_tokens(model.fine.restrict(fine_BlV, idx_Bl), cfg, generator)
         indices.append(idx_Bl.view(B, token_map.side, -1))
     return indices
@@ -416,7 +416,7 @@ def test_next_token_prediction_is_token_causal_and_its_cached_sampling_matches_t
             idx_B1 = sample_tokens(guide(model(labels, x)[:, i : i + 1], 2.0), cfg, g)
             if clusters:  # that was the label; the code given it
                 coarse_BL = torch.cat([torch.zeros(6, i, dtype=torch.long), idx_B1.repeat(2, 1)], dim=1)
-                fine_B1V = guide(model(labels, x, coarse_BL)[1][:, i : i + 1], 2.0)
+                fine_B1V = guide(model(labels, x, coarse_BL=coarse_BL)[1][:, i : i + 1], 2.0)
                 idx_B1 = sample_tokens(model.fine.restrict(fine_B1V, idx_B1), cfg, g)
             drawn = torch.cat([drawn, idx_B1], dim=1)
     finally:

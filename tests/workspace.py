@@ -94,9 +94,10 @@ def add_tokens(root: Path) -> Path:
 
     params = load_params(root / "params.yaml")
     torch.manual_seed(0)
-    model = Tokenizer(params.tokenizer.model, params.decompose.order).eval()
-    with torch.no_grad():  # codes spread like real encoder outputs, so that images get varied tokens
-        model.codebook.weight.normal_(0, 0.5)
+    model = Tokenizer(params.tokenizer.model, params.decompose.order, params.tokenizer.quantize).eval()
+    if not model.continuous:
+        with torch.no_grad():  # codes spread like real encoder outputs, so that images get varied tokens
+            model.codebook.weight.normal_(0, 0.5)
     stem = root / "models" / "tokenizer" / "tokenizer"
     stem.parent.mkdir(parents=True, exist_ok=True)
     save_tokenizer(stem, model, params.data.resolution)
