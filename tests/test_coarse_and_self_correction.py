@@ -79,7 +79,9 @@ def test_save_then_load_keeps_the_clusters_and_the_logits(tmp_path):
     indices = random_indices(tokenizer, 2)
     x_BlC, label_B = tokenizer.teacher_forcing_inputs(indices), torch.tensor([0, 2])
     coarse_BL = model.fine.cluster_V[torch.cat([i.flatten(1) for i in indices], dim=1)]
-    for a, b in zip(loaded(label_B, x_BlC, coarse_BL=coarse_BL), model(label_B, x_BlC, coarse_BL=coarse_BL), strict=True):
+    for a, b in zip(
+        loaded(label_B, x_BlC, coarse_BL=coarse_BL), model(label_B, x_BlC, coarse_BL=coarse_BL), strict=True
+    ):
         assert torch.equal(a, b)
 
 

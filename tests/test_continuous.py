@@ -329,7 +329,9 @@ def test_the_whole_chain_runs_on_continuous_tokens(workspace):
 
 
 @pytest.mark.parametrize(
-    "override", [{"coarse": {"clusters": 8}}, {"train": {"self_correction": {"p": 0.5}}}], ids=["ctf", "self_correction"]
+    "override",
+    [{"coarse": {"clusters": 8}}, {"train": {"self_correction": {"p": 0.5}}}],
+    ids=["ctf", "self_correction"],
 )
 def test_codebook_options_are_refused_with_the_diffusion_head(override):
     from pipeline.config import ConfigError, build
