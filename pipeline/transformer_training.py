@@ -343,6 +343,7 @@ def build_model(
     cfg: TransformerModelConfig,
     manifest: dict[str, Any],
     seed: int,
+    *,
     coarse_V: torch.Tensor | None = None,
     diffusion: DiffusionConfig | None = None,
 ) -> CART:
@@ -417,7 +418,7 @@ def train_transformer(
     coarse_V = None
     if cfg.coarse.clusters:
         coarse_V = codebook_clusters(tokenizer.codebook.weight, cfg.coarse.clusters, cfg.train.seed)
-    model = build_model(cfg.model, manifest, cfg.train.seed, coarse_V, cfg.diffusion_head)
+    model = build_model(cfg.model, manifest, cfg.train.seed, coarse_V=coarse_V, diffusion=cfg.diffusion_head)
     if cfg.init_from:
         report = init_transformer_from(model, cfg.init_from)
         log(f"copied from {cfg.init_from}: {', '.join(report.copied + report.partly) or 'nothing'}")
