@@ -177,7 +177,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
     """Whether ``precision`` means bf16 autocast on ``device``. auto: where bf16 is native. On a 2-core CPU with
-    AVX512-BF16 and AMX the demo transformer's training step ran 1.25× and the reference classifier's 1.9× faster
+    AVX512-BF16 and AMX the demo transformer's training step ran 1.37× and the reference classifier's 2.06× faster
     in bf16 (bench/RESULTS.md); a CPU without them emulates bf16 and would run slower than fp32."""
     if precision != "auto":
         return precision == "bf16"
