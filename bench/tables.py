@@ -1,0 +1,363 @@
+"""The README's comparison tables, row by row: dvc.yaml's stages run once per distinct input, many at a time.
+
+    python bench/tables.py --table cifar10 --root /tmp/tables --jobs 8 --out bench/tables-cifar10.json
+    python bench/tables.py --table demo --root /tmp/tables-demo --jobs 1 --only o0 o0-ctf
+    python bench/tables.py --report bench/tables-cifar10.json          # the markdown tables of a finished run
+
+A row is the table's params file with a few keys changed (bench/tables.yaml, as `dvc exp run -S key=value`
+changes them). Each stage of dvc.yaml runs exactly as `dvc repro` runs it, `python -m stages <command>` in a
+directory of its own that holds the row's params.yaml and symbolic links to its upstream stages' outputs. A stage's
+directory is named by a hash of the params keys dvc.yaml lists for it and of its upstream stages' names, so rows
+share a stage whose inputs are equal (every row of a table shares one shard and one reference classifier; seeds
+of the transformer share the tokenizer), as DVC's cache would.
+
+Why not `dvc exp run --queue`: it needs Git and DVC where it runs (a lent GPU machine has neither), and it runs
+each experiment's stages one after another; here independent stages of all rows run side by side (``--jobs``) to
+fill one GPU, stages already finished are not run again (rerunning the command after a kill resumes: each stage
+resumes from its own checkpoints), and no new stage starts after ``--deadline`` seconds.
+
+The results file holds, per row, its params, every metrics file its stages wrote, and each stage's wall time; it is
+rewritten as each stage finishes, so a run stopped from outside keeps what was finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pipeline.experiments import experiment_points, flatten, group_runs  # noqa: E402
+
+CODE = ("pipeline", "stages")  # linked into every stage directory: dvc.yaml's code deps
+SKIPPED_STAGES = ("sample_fid",)  # the field's FID protocol needs Inception weights; the tables use FID_ref
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dvc.yaml's stages, and one row's jobs
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    command: list[str]  # argv after the interpreter
+    deps: tuple[str, ...]  # data deps: outputs of earlier stages
+    params: tuple[str, ...]
+    outs: tuple[str, ...]
+    metrics: tuple[str, ...]
+
+
+def _paths(entries: list) -> tuple[str, ...]:
+    return tuple(next(iter(e)) if isinstance(e, dict) else e for e in entries or [])
+
+
+def read_stages(dvc_yaml: Path) -> list[Stage]:
+    """dvc.yaml's stages in file order (which is an order that runs each after its deps)."""
+    stages = []
+    for name, spec in yaml.safe_load(dvc_yaml.read_text())["stages"].items():
+        if name in SKIPPED_STAGES:
+            continue
+        argv = spec["cmd"].split()
+        if argv[0] != "python":
+            raise ValueError(f"{dvc_yaml}: stage {name}: expected a `python -m stages …` command, got {spec['cmd']!r}")
+        deps = tuple(d for d in _paths(spec.get("deps")) if d.split("/", 1)[0] not in CODE)
+        outs = _paths(spec.get("outs")) + _paths(spec.get("metrics")) + _paths(spec.get("plots"))
+        stages.append(Stage(name, argv[1:], deps, _paths(spec.get("params")), outs, _paths(spec.get("metrics"))))
+    return stages
+
+
+def _lookup(values: dict, dotted: str) -> Any:
+    node: Any = values
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(f"params key {dotted!r} (named in dvc.yaml) is not in the params file")
+        node = node[part]
+    return node
+
+
+def set_key(values: dict, dotted: str, value: Any) -> None:
+    """``-S a.b.c=value``: the key must exist (a typo would otherwise run an unchanged row)."""
+    *parents, last = dotted.split(".")
+    node = values
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            raise KeyError(f"override {dotted!r}: no such section in the params file")
+    if last not in node:
+        raise KeyError(f"override {dotted!r}: no such key in the params file")
+    node[last] = value
+
+
+@dataclass(eq=False)  # a job is itself: `in` and `is` by identity
+class Job:
+    stage: Stage
+    key: str
+    params: dict
+    upstream: dict[str, Job]  # dep path -> the job that writes it
+    rows: list[str] = field(default_factory=list)
+    status: str = "pending"  # pending, running, done, failed, skipped
+    seconds: float | None = None
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage.name}-{self.key}"
+
+
+def plan(rows: dict[str, dict], stages: list[Stage]) -> tuple[dict[str, Job], dict[str, list[Job]]]:
+    """Every distinct job of the rows (in row order: the first row's stages first), and each row's jobs."""
+    jobs: dict[str, Job] = {}
+    row_jobs: dict[str, list[Job]] = {}
+    for row, params in rows.items():
+        writer: dict[str, Job] = {}
+        mine = []
+        for stage in stages:
+            missing = [d for d in stage.deps if d not in writer]
+            if missing:
+                raise ValueError(f"dvc.yaml: stage {stage.name} depends on {missing}, which no earlier stage writes")
+            upstream = {d: writer[d] for d in stage.deps}
+            identity = {
+                "stage": stage.name,
+                "params": {p: _lookup(params, p) for p in stage.params},
+                "upstream": sorted({j.name for j in upstream.values()}),
+            }
+            key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+            job = jobs.setdefault(f"{stage.name}-{key}", Job(stage, key, params, upstream))
+            job.rows.append(row)
+            mine.append(job)
+            writer |= {out: job for out in stage.outs}
+        row_jobs[row] = mine
+    return jobs, row_jobs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running
+
+
+def _prepare(job: Job, root: Path) -> Path:
+    """The job's directory: the code, the row's params.yaml, links to the upstream outputs it reads."""
+    directory = root / job.name
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in CODE:
+        link = directory / name
+        if not link.is_symlink():
+            link.symlink_to(REPO / name)
+    (directory / "params.yaml").write_text(yaml.safe_dump(job.params, sort_keys=False))
+    for dep, writer in job.upstream.items():
+        link = directory / dep
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to((root / writer.name / dep).resolve())
+    return directory
+
+
+def run(jobs: dict[str, Job], root: Path, parallel: int, deadline: float, fail_fast: bool, on_finish) -> None:
+    """Start every ready job in plan order, up to ``parallel`` at a time, until all are done or the deadline.
+
+    With ``fail_fast``, a stage failing before any row has finished stops the run (the others are terminated:
+    they resume from their checkpoints when it is run again): that is a fault of the code on this machine, and
+    every row would meet it, so waiting on the rest only spends the machine's time.
+    """
+    start = time.monotonic()
+    finals = {job.name for job in jobs.values() if not any(job in j.upstream.values() for j in jobs.values())}
+    pending = [j for j in jobs.values() if not (root / j.name / ".done").exists()]
+    for job in jobs.values():
+        if job not in pending:
+            job.status = "done"
+            job.seconds = float((root / job.name / ".done").read_text() or "nan")
+    running: list[Job] = []
+    while pending or running:
+        for job in list(running):
+            code = job.process.poll()
+            if code is None:
+                continue
+            running.remove(job)
+            job.seconds = time.monotonic() - job.started
+            job.status = "done" if code == 0 else "failed"
+            if code == 0:
+                (root / job.name / ".done").write_text(f"{job.seconds:.1f}")
+            print(f"[{time.monotonic() - start:7.1f} s] {job.status:6s} {job.name} ({job.seconds:.1f} s)", flush=True)
+            on_finish()
+            if code != 0 and fail_fast and not any(jobs[n].status == "done" for n in finals):
+                for other in running:
+                    other.process.terminate()
+                    other.process.wait()
+                    other.status = "failed"
+                print(f"stopped: {job.name} failed before any row finished (log: {root / job.name / 'log.txt'})")
+                on_finish()
+                return
+        for job in list(pending):
+            if any(u.status in ("failed", "skipped") for u in job.upstream.values()):
+                job.status = "skipped"
+                pending.remove(job)
+        late = time.monotonic() - start > deadline
+        for job in list(pending):
+            if late or len(running) >= parallel:
+                break
+            if all(u.status == "done" for u in job.upstream.values()):
+                directory = _prepare(job, root)
+                log = (directory / "log.txt").open("a")
+                env = os.environ | {"PYTHONUNBUFFERED": "1", "NO_COLOR": "1", "COLUMNS": "160"}
+                job.process = subprocess.Popen(
+                    [sys.executable, *job.stage.command], cwd=directory, stdout=log, stderr=subprocess.STDOUT, env=env
+                )
+                job.started = time.monotonic()
+                job.status = "running"
+                pending.remove(job)
+                running.append(job)
+                print(f"[{time.monotonic() - start:7.1f} s] start  {job.name} for {', '.join(job.rows)}", flush=True)
+        if late and not running:
+            break
+        time.sleep(0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Results
+
+
+def results(rows: dict[str, dict], row_jobs: dict[str, list[Job]], root: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for row, params in rows.items():
+        metrics: dict[str, Any] = {}
+        for job in row_jobs[row]:
+            for path in job.stage.metrics:
+                file = root / job.name / path
+                if job.status == "done" and file.exists():
+                    metrics[path] = json.loads(file.read_text())
+        out[row] = {
+            "finished": all(j.status == "done" for j in row_jobs[row]),
+            "params": params,
+            "metrics": metrics,
+            "seconds": {j.stage.name: j.seconds for j in row_jobs[row]},
+            "failed": {j.stage.name: _tail(root / j.name / "log.txt") for j in row_jobs[row] if j.status == "failed"},
+        }
+    return out
+
+
+def _tail(log: Path, lines: int = 15) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
+
+
+def _row_point(name: str, result: dict[str, Any]) -> dict[str, Any]:
+    """The run as `dvc exp show` gives it: flattened params and metrics in one dict."""
+    point = {"Experiment": name} | flatten(result["params"])
+    for values in result["metrics"].values():
+        point |= flatten(values)
+    return point
+
+
+def _cell(row: dict, key: str, digits: int) -> str:
+    if not math.isfinite(row[key]):
+        return "–"
+    return f"{row[key]:.{digits}f}" + (f" ± {row[key + '_std']:.{digits}f}" if row["runs"] > 1 else "")
+
+
+def _short(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def markdown(table_rows: dict[str, dict[str, Any]], group: list[str]) -> str:
+    """One line per setting (seeds averaged, mean ± sample std), labelled by what sets it apart."""
+    finished = {name: table_rows[name] for name in group if table_rows.get(name, {}).get("finished")}
+    if not finished:
+        return "(no finished row)\n"
+    points_in = [_row_point(n, r) for n, r in finished.items()]
+    names = sorted({k for p in points_in for k in flatten(finished[p["Experiment"]]["params"])})
+    points = experiment_points(points_in, names, lambda p: flatten(finished[p["Experiment"]]["params"]))
+    lines = [
+        "| setting | runs | tokens | maps | transformer params | train GFLOP/image | FID_ref ↓ | ceiling FID_ref "
+        "| class consistency ↑ | precision | recall | sampling images/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in group_runs(points):
+        label = ", ".join([f"order {row['order']}"] + [f"{k}={_short(v)}" for k, v in row["differs"].items()])
+        lines.append(
+            f"| {label} ({', '.join(row['names'])}) | {row['runs']} | {row['tokens']:.0f} | {row['maps']:.0f} "
+            f"| {row['parameters'] / 1e6:.2f} M | {row['train_flops_per_image'] / 1e9:.2f} | {_cell(row, 'fid_ref', 2)} "
+            f"| {_cell(row, 'reconstruction_fid_ref', 2)} | {_cell(row, 'class_consistency_ref', 3)} "
+            f"| {_cell(row, 'precision_ref', 3)} | {_cell(row, 'recall_ref', 3)} "
+            f"| {_cell(row, 'sampling_images_per_s', 1)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def report(saved: dict[str, Any]) -> str:
+    text = []
+    for title, group in saved["tables"].items():
+        text.append(f"### {title}\n\n{markdown(saved['rows'], group)}")
+    failed = {n: r["failed"] for n, r in saved["rows"].items() if r["failed"]}
+    for name, stages in failed.items():
+        for stage, tail in stages.items():
+            text.append(f"row {name}: stage {stage} failed:\n{tail}\n")
+    return "\n".join(text)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=Path, default=REPO / "bench" / "tables.yaml")
+    parser.add_argument("--table", help="the set of rows in --rows to run")
+    parser.add_argument("--only", nargs="*", help="just these rows (and what they need)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="for every row, e.g. the machine's")
+    parser.add_argument("--root", type=Path, default=Path("/tmp/cart-tables"))
+    parser.add_argument("--jobs", type=int, default=1, help="stages run at a time")
+    parser.add_argument("--deadline", type=float, default=math.inf, help="seconds after which no stage starts")
+    parser.add_argument("--fail-fast", action="store_true", help="stop if a stage fails before any row finishes")
+    parser.add_argument("--out", type=Path, help="results JSON, rewritten as stages finish")
+    parser.add_argument("--report", type=Path, help="print the markdown tables of a results JSON and stop")
+    args = parser.parse_args()
+
+    if args.report:
+        print(report(json.loads(args.report.read_text())))
+        return
+    spec = yaml.safe_load(args.rows.read_text())[args.table]
+    base = yaml.safe_load((REPO / spec["params"]).read_text())
+    for item in args.set:
+        key, value = item.split("=", 1)
+        set_key(base, key, yaml.safe_load(value))
+    rows = {}
+    for name, overrides in spec["rows"].items():
+        if args.only and name not in args.only:
+            continue
+        params = copy.deepcopy(base)
+        for key, value in (overrides or {}).items():
+            set_key(params, key, value)
+        rows[name] = params
+    jobs, row_jobs = plan(rows, read_stages(REPO / "dvc.yaml"))
+    print(f"{len(rows)} rows, {len(jobs)} distinct stages, {args.jobs} at a time", flush=True)
+
+    def save() -> None:
+        if args.out:
+            saved = {"table": args.table, "set": args.set, "tables": spec["tables"]}
+            saved["rows"] = results(rows, row_jobs, args.root)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = args.out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(saved, indent=1))
+            tmp.replace(args.out)
+
+    args.root.mkdir(parents=True, exist_ok=True)
+    run(jobs, args.root, args.jobs, args.deadline, args.fail_fast, save)
+    save()
+    if args.out:
+        print(report(json.loads(args.out.read_text())))
+
+
+if __name__ == "__main__":
+    main()
