@@ -29,9 +29,9 @@ import time
 import numpy as np
 import torch
 
-from pipeline.decompose import DecomposeConfig, decompose, solve_at, solve_at_scipy
+from pipeline.data.decompose import DecomposeConfig, decompose, solve_at, solve_at_scipy
+from pipeline.data.sources import DEMO_PHOTOGRAPHS, demo_photograph, resize_square
 from pipeline.runtime import resolve_device
-from pipeline.sources import DEMO_PHOTOGRAPHS, demo_photograph, resize_square
 
 
 def photographs(count: int, size: int) -> torch.Tensor:

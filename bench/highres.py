@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.evaluation import load_val_images, to_uint8
-from pipeline.highres import HighresConfig, generate_highres, upsample, upsampled_base
-from pipeline.metrics import fidelity_metrics, reference_extractor
+from pipeline.evaluation.evaluation import load_val_images, to_uint8
+from pipeline.evaluation.highres import HighresConfig, generate_highres, upsample, upsampled_base
+from pipeline.evaluation.metrics import fidelity_metrics, reference_extractor
+from pipeline.models.tokenizer import load_tokenizer
+from pipeline.models.transformer import SamplingConfig, generate, load_transformer
 from pipeline.params import load_params
-from pipeline.tokenizer import load_tokenizer
-from pipeline.transformer import SamplingConfig, generate, load_transformer
 
 ROUTES = {  # name: HighresConfig overrides
     "CART tiles, bicubic latent base, overlap 2": {},

@@ -2,7 +2,7 @@
 
     python bench/precision.py --threads 2 --repeats 5
 
-`precision: auto` trains in bf16 on CPUs with AVX512-BF16 or AMX (pipeline.train.uses_bf16); this measures what
+`precision: auto` trains in bf16 on CPUs with AVX512-BF16 or AMX (pipeline.training.train.uses_bf16); this measures what
 that buys. The two precisions alternate step by step (after an untimed step each), so a change in the machine's
 load affects both alike; the median of --repeats is reported. The transformer is the demo's (params.yaml: its
 width, depth and token layout; random codes as teacher-forcing inputs), the classifier the reference network of
@@ -25,9 +25,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from transformer import build, demo_setup  # noqa: E402  (bench/transformer.py: the demo transformer's setup)
 
-from pipeline.evaluator import ReferenceNet  # noqa: E402
+from pipeline.models.evaluator import ReferenceNet  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
-from pipeline.train import decay_groups  # noqa: E402
+from pipeline.training.train import decay_groups  # noqa: E402
 
 
 def transformer_step(params: Path) -> Callable[[bool], None]:

@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.ingest import build_shards
-from pipeline.sources import DataConfig
+from pipeline.data.ingest import build_shards
+from pipeline.data.sources import DataConfig
 
 
 def main() -> None:

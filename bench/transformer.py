@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from pipeline.sources import DEMO_PHOTOGRAPHS
-from pipeline.tokenizer import Tokenizer, TokenizerModelConfig
-from pipeline.train import decay_groups, uses_bf16
-from pipeline.transformer import CART, SamplingConfig, TransformerModelConfig, forward_flops, generate
+from pipeline.data.sources import DEMO_PHOTOGRAPHS
+from pipeline.models.tokenizer import Tokenizer, TokenizerModelConfig
+from pipeline.models.transformer import CART, SamplingConfig, TransformerModelConfig, forward_flops, generate
+from pipeline.training.train import decay_groups, uses_bf16
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 VAR_SAMPLING = SamplingConfig(guidance=2.5, top_k=900, top_p=0.96)  # VAR's FID setting: cfg 1.5 = weight 2.5

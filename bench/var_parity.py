@@ -6,7 +6,7 @@
 
 Nothing of VAR's is copied here: its classes are imported from the clone. The script builds VAR's VQVAE and a
 depth-4 VAR with their own constructors and initialisation (perturbed, so that no block is near-identity),
-saves their state dicts as VAR would, imports them with ``pipeline.var_checkpoints.import_var`` (what
+saves their state dicts as VAR would, imports them with ``pipeline.models.var_checkpoints.import_var`` (what
 ``cart import-var`` runs) and compares, for the demo's 7-map schedule at 128 px and VAR's 10-map schedule at
 256 px: tokens of the same images, reconstructions, teacher-forcing inputs, teacher-forced logits (relative to the
 largest), greedy (top-k 1) guided samples with VAR's cfg 1.5 = our guidance 2.5, and the export back: VAR's
@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.tokenizer import load_tokenizer
-from pipeline.transformer import SamplingConfig, generate, load_transformer
-from pipeline.var_checkpoints import export_var, import_var
+from pipeline.models.tokenizer import load_tokenizer
+from pipeline.models.transformer import SamplingConfig, generate, load_transformer
+from pipeline.models.var_checkpoints import export_var, import_var
 
 
 def build_var(patch_nums, V, Cz, ch, depth, classes, seed):

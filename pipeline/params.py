@@ -8,15 +8,15 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import ConfigError, Field, build, section
-from pipeline.decompose import DecomposeConfig
-from pipeline.evaluation import EvaluateConfig
-from pipeline.evaluator import EvaluatorConfig
+from pipeline.data.decompose import DecomposeConfig
+from pipeline.data.sources import DataConfig
+from pipeline.data.tokens import ExtractTokensConfig
+from pipeline.evaluation.evaluation import EvaluateConfig
+from pipeline.evaluation.sample_fid import SampleFidConfig
+from pipeline.models.evaluator import EvaluatorConfig
 from pipeline.plan import PlanConfig
-from pipeline.sample_fid import SampleFidConfig
-from pipeline.sources import DataConfig
-from pipeline.tokenizer_training import TokenizerConfig
-from pipeline.tokens import ExtractTokensConfig
-from pipeline.transformer_training import TransformerConfig
+from pipeline.training.tokenizer_training import TokenizerConfig
+from pipeline.training.transformer_training import TransformerConfig
 
 DEFAULT_PATH = Path("params.yaml")
 

@@ -107,7 +107,7 @@ class Plan:
 
 def dataset_size(params) -> tuple[int, int]:
     """(classes, train images) without reading data: plan's values, else the demo's counts or ImageNet-1k's."""
-    from pipeline.sources import DEMO_PHOTOGRAPHS
+    from pipeline.data.sources import DEMO_PHOTOGRAPHS
 
     cfg, data = params.plan, params.data
     demo = data.source == "demo"
@@ -118,8 +118,8 @@ def dataset_size(params) -> tuple[int, int]:
 
 def build_on_meta(params, classes: int):
     """The tokenizer and transformer the params describe, on the meta device: every shape, no memory."""
-    from pipeline.tokenizer import Tokenizer
-    from pipeline.transformer import CART
+    from pipeline.models.tokenizer import Tokenizer
+    from pipeline.models.transformer import CART
 
     model = params.tokenizer.model
     with torch.device("meta"):
@@ -155,7 +155,7 @@ def map_labels(layout) -> list[str]:
 
 def make_plan(params) -> Plan:
     """Sizes, FLOPs, GPU-hours and training memory of the runs ``params`` describe."""
-    from pipeline.transformer import forward_flops
+    from pipeline.models.transformer import forward_flops
 
     cfg = params.plan
     classes, train_images = dataset_size(params)

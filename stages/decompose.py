@@ -43,7 +43,7 @@ def command(
         _preview(preview, out or Path("decomposition.png"), cfg)
         return
     out = out or OUT
-    from pipeline.decomposed import decompose_splits
+    from pipeline.data.decomposed import decompose_splits
 
     with progress() as bar:
         manifest = decompose_splits(inp, out, cfg, bar)
@@ -61,9 +61,9 @@ def command(
 
 def _write_previews(val_dir: Path, reports: Path, cfg) -> None:
     from pipeline.atomic import atomic_dir
-    from pipeline.decompose import decompose
-    from pipeline.decomposed import first_samples
-    from pipeline.figures import decomposition_figure
+    from pipeline.data.decompose import decompose
+    from pipeline.data.decomposed import first_samples
+    from pipeline.evaluation.figures import decomposition_figure
 
     # Drawn beside the old previews and swapped in whole, so a failure leaves those; the directory is a DVC
     # output even when empty (order 0: nothing to draw).
@@ -80,9 +80,9 @@ def _write_previews(val_dir: Path, reports: Path, cfg) -> None:
 def _preview(image_path: Path, fig: Path, cfg) -> None:
     import torch
 
-    from pipeline.decompose import decompose
-    from pipeline.figures import decomposition_figure
-    from pipeline.sources import decode_rgb
+    from pipeline.data.decompose import decompose
+    from pipeline.data.sources import decode_rgb
+    from pipeline.evaluation.figures import decomposition_figure
 
     if not image_path.is_file():
         raise FileNotFoundError(f"--preview {image_path}: no such file")

@@ -32,7 +32,7 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
     `reports/evaluate/`. Under `torchrun --nproc_per_node=N` the sampling is shared by the
     processes (one GPU each); the numbers are those of one process.
     """
-    from pipeline.evaluation import EvaluatePaths, evaluate
+    from pipeline.evaluation.evaluation import EvaluatePaths, evaluate
 
     p = load(params)
     with progress() as bar:

@@ -34,7 +34,7 @@ def command(
     import dvc.api
     import yaml
 
-    from pipeline.experiments import experiment_points, fid_order_figure, flatten, group_runs
+    from pipeline.evaluation.experiments import experiment_points, fid_order_figure, flatten, group_runs
 
     names = list(flatten(yaml.safe_load(params.read_text()) or {}))
     points = experiment_points(dvc.api.exp_show(num=commits), names, _params_of_run)
@@ -57,7 +57,7 @@ def _params_of_run(row: dict) -> dict | None:
 
     import yaml
 
-    from pipeline.experiments import flatten
+    from pipeline.evaluation.experiments import flatten
 
     rev = row.get("rev")
     try:

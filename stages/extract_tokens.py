@@ -19,7 +19,7 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
     Killed and rerun, finished shards are kept. Under `torchrun --nproc_per_node=N` each process takes its share of
     the shards (one GPU each) and the output is the same as one process writes.
     """
-    from pipeline.tokens import extract_tokens
+    from pipeline.data.tokens import extract_tokens
 
     cfg = load(params).tokens
     with progress() as bar:

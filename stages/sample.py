@@ -74,11 +74,11 @@ def command(
     import torch
 
     from pipeline.config import InvalidInput
-    from pipeline.figures import image_grid, labelled_rows
+    from pipeline.evaluation.figures import image_grid, labelled_rows
+    from pipeline.evaluation.sampling import sample_images
+    from pipeline.models.tokenizer import load_tokenizer
+    from pipeline.models.transformer import load_transformer, sampling_stem
     from pipeline.runtime import resolve_device
-    from pipeline.sampling import sample_images
-    from pipeline.tokenizer import load_tokenizer
-    from pipeline.transformer import load_transformer, sampling_stem
 
     p = load(params)
     overrides = {"guidance": cfg, "top_k": top_k, "top_p": top_p, "temperature": temperature, "seed": seed}
@@ -96,7 +96,7 @@ def command(
     chosen = _classes(classes, names)
     labels = torch.tensor(chosen).repeat_interleave(n)
     if scale > 1:
-        from pipeline.highres import highres_figure
+        from pipeline.evaluation.highres import highres_figure
 
         highres_figure(model, tok, labels, sampling, scale, out, p.evaluate.highres)
         console.print(f"wrote {out} ({len(labels)} samples at {scale}× the trained resolution)")

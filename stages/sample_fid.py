@@ -32,7 +32,7 @@ def command(
     chunks (one GPU each, a seed per chunk: the images are those of one process). Killed and rerun, the chunks
     already written are kept.
     """
-    from pipeline.sample_fid import SampleFidPaths, sample_fid
+    from pipeline.evaluation.sample_fid import SampleFidPaths, sample_fid
 
     p = load(params)
     paths = SampleFidPaths(checkpoint, out, metrics)
@@ -73,9 +73,9 @@ def reference_stats_command(
     cache; they are never downloaded. For ImageNet prefer the published files (ADM's
     `VIRTUAL_imagenet256_labeled.npz`): numbers against them compare with the papers'.
     """
-    from pipeline.decomposed import split_shards
+    from pipeline.data.decomposed import split_shards
+    from pipeline.evaluation.sample_fid import reference_statistics, write_statistics
     from pipeline.runtime import resolve_device
-    from pipeline.sample_fid import reference_statistics, write_statistics
 
     p = load(params)
     urls = [url for directory in split or [Path("data/shards/val")] for url in split_shards(directory)]

@@ -23,7 +23,7 @@ def command(
     Bad files (undecodable, empty, oversized, too small) are skipped and listed in manifest.json with their
     reason; they never stop the stage. A missing or empty source does (exit 1); invalid params exit 2.
     """
-    from pipeline.ingest import build_shards
+    from pipeline.data.ingest import build_shards
 
     cfg = load(params).data
     with progress() as bar:

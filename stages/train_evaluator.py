@@ -28,11 +28,11 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
     `models/evaluator/evaluator_2x` on them: the network of the `*_2x` metrics of generation above the trained size.
     """
     from pipeline import atomic
-    from pipeline.decomposed import split_shards
-    from pipeline.evaluator import train_evaluator
+    from pipeline.data.decomposed import split_shards
+    from pipeline.data.shards import list_shards
+    from pipeline.models.evaluator import train_evaluator
     from pipeline.runtime import dist_from_env
-    from pipeline.shards import list_shards
-    from pipeline.train import RunPaths
+    from pipeline.training.train import RunPaths
 
     p = load(params)
     manifest = json.loads((SHARDS / "manifest.json").read_text())

@@ -26,7 +26,7 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
     Checkpoints every `transformer.train.checkpoint_every` steps: killed and rerun (also under `torchrun`), training
     resumes. Final weights: `models/transformer/transformer.safetensors` + `.json`.
     """
-    from pipeline.transformer_training import TransformerPaths, train_transformer
+    from pipeline.training.transformer_training import TransformerPaths, train_transformer
 
     p = load(params)
     with progress() as bar:

@@ -39,7 +39,7 @@ def import_command(
     OUT/tokenizer` / `transformer.init_from: OUT/transformer` start training from it. Anything that is not such a
     checkpoint exits with 2, naming the file and key, and writes nothing.
     """
-    from pipeline.var_checkpoints import import_var
+    from pipeline.models.var_checkpoints import import_var
 
     result = import_var(vae, var, out, _scales(scales))
     summary("import-var", list(result.items()))
@@ -58,7 +58,7 @@ def export_command(
     `var_config.json` lists the constructor arguments (VQVAE's and VAR's) that rebuild the networks; the state
     dicts then load with `load_state_dict(strict=True)`. A model VAR's code cannot hold exits with 2.
     """
-    from pipeline.var_checkpoints import export_var
+    from pipeline.models.var_checkpoints import export_var
 
     result = export_var(tokenizer, transformer, out)
     summary("export-var", list(result.items()))

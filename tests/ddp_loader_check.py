@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from pipeline import shards
-from pipeline.loader import ShardLoader
+from pipeline.data import shards
+from pipeline.data.loader import ShardLoader
 
 
 def value(raw):

@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from pipeline import decomposed, tokens
+from pipeline.data import decomposed, tokens
 from pipeline.runtime import dist_from_env
 from stages.cli import app
 

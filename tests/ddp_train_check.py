@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.decomposed import decode_training_sample, split_shards
-from pipeline.loader import ShardLoader
-from pipeline.tokenizer import Tokenizer, TokenizerModelConfig
-from pipeline.tokenizer_training import TokenizerLossConfig, TokenizerTask
-from pipeline.train import RunPaths, TrainConfig, train
+from pipeline.data.decomposed import decode_training_sample, split_shards
+from pipeline.data.loader import ShardLoader
+from pipeline.models.tokenizer import Tokenizer, TokenizerModelConfig
+from pipeline.training.tokenizer_training import TokenizerLossConfig, TokenizerTask
+from pipeline.training.train import RunPaths, TrainConfig, train
 
 
 def main(data: str, out: str) -> None:

@@ -9,18 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.coarse import CoarseConfig, codebook_clusters
 from pipeline.config import ConfigError
-from pipeline.self_correction import SelfCorrectionConfig, self_correct
-from pipeline.tokenizer import Tokenizer
-from pipeline.tokens import split_maps
-from pipeline.transformer import (
+from pipeline.data.tokens import split_maps
+from pipeline.models.coarse import CoarseConfig, codebook_clusters
+from pipeline.models.tokenizer import Tokenizer
+from pipeline.models.transformer import (
     CART,
     forward_flops,
     load_transformer,
     save_transformer,
 )
-from pipeline.transformer_training import TransformerConfig, TransformerTask, run_settings, token_losses
+from pipeline.training.self_correction import SelfCorrectionConfig, self_correct
+from pipeline.training.transformer_training import TransformerConfig, TransformerTask, run_settings, token_losses
 from tests.test_transformer import NUM_CLASSES, TINY, TOKENIZER, make_model, make_tokenizer, random_indices
 
 V = TOKENIZER.codebook_size

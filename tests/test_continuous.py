@@ -11,12 +11,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline import shards
-from pipeline.decomposed import split_shards
-from pipeline.diffusion import DiffusionConfig, DiffusionHead
-from pipeline.tokenizer import Tokenizer, TokenizerModelConfig, load_tokenizer, save_tokenizer
-from pipeline.tokens import decode_token_sample, flatten_maps, split_maps
-from pipeline.transformer import (
+from pipeline.data import shards
+from pipeline.data.decomposed import split_shards
+from pipeline.data.tokens import decode_token_sample, flatten_maps, split_maps
+from pipeline.models.diffusion import DiffusionConfig, DiffusionHead
+from pipeline.models.tokenizer import Tokenizer, TokenizerModelConfig, load_tokenizer, save_tokenizer
+from pipeline.models.transformer import (
     CART,
     SamplingConfig,
     TransformerModelConfig,
@@ -103,7 +103,7 @@ def test_save_and_load_keep_the_quantisation_and_vq_files_do_not_mention_it(tmp_
 
 
 def test_a_continuous_tokenizer_trains_a_step_with_the_latent_regulariser():
-    from pipeline.tokenizer_training import TokenizerLossConfig, TokenizerTask
+    from pipeline.training.tokenizer_training import TokenizerLossConfig, TokenizerTask
 
     tokenizer = continuous_tokenizer(1).train()
     task = TokenizerTask(tokenizer, TokenizerLossConfig(lambda_prefix=1.0, lambda_highres=0.0), lambda: iter(()), 4)
@@ -335,7 +335,7 @@ def test_the_whole_chain_runs_on_continuous_tokens(workspace):
 )
 def test_codebook_options_are_refused_with_the_diffusion_head(override):
     from pipeline.config import ConfigError, build
-    from pipeline.transformer_training import TransformerConfig
+    from pipeline.training.transformer_training import TransformerConfig
 
     with pytest.raises(ConfigError, match="head diffusion"):
         build(TransformerConfig, {"head": "diffusion", **override}, source="params.yaml", prefix="transformer")

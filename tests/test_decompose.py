@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, build
-from pipeline.decompose import (
+from pipeline.data.decompose import (
     DecomposeConfig,
     DecompositionError,
     at_energy,
@@ -16,8 +16,8 @@ from pipeline.decompose import (
     solve_at,
     solve_at_scipy,
 )
-from pipeline.figures import decomposition_figure
-from pipeline.sources import demo_photograph, resize_square
+from pipeline.data.sources import demo_photograph, resize_square
+from pipeline.evaluation.figures import decomposition_figure
 
 PHOTOGRAPHS = ("astronaut", "chelsea", "coffee", "rocket")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline import decomposed, shards
+from pipeline.data import decomposed, shards
 from pipeline.params import load_params
 from stages.cli import app
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.highres import HighresConfig, cut_tiles, generate_highres, join_tiles, tile_starts
+from pipeline.evaluation.highres import HighresConfig, cut_tiles, generate_highres, join_tiles, tile_starts
+from pipeline.models.tokenizer import load_tokenizer
+from pipeline.models.transformer import load_transformer
 from pipeline.params import load_params
-from pipeline.tokenizer import load_tokenizer
-from pipeline.transformer import load_transformer
 from stages.cli import app
 from tests.workspace import ROOT, add_tokens
 
@@ -55,8 +55,8 @@ def test_evaluate_writes_suffixed_metrics_with_ceiling_floor_and_figures(trained
 
 
 def test_highres_doubles_the_side_upsamples_the_sampled_base_and_adds_tile_detail(trained, monkeypatch):
-    import pipeline.highres as highres
-    from pipeline.transformer import generate
+    import pipeline.evaluation.highres as highres
+    from pipeline.models.transformer import generate
 
     model, config = load_transformer("models/transformer/transformer")
     tokenizer, _ = load_tokenizer(config["tokenizer"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from pipeline.experiments import experiment_points, fid_order_figure, flatten, group_runs
+from pipeline.evaluation.experiments import experiment_points, fid_order_figure, flatten, group_runs
 
 PARAMS = ["data.source", "decompose.order", "tokenizer.model.layout", "tokenizer.train.seed", "transformer.train.seed"]
 

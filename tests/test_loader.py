@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import shards
-from pipeline.loader import ShardLoader
+from pipeline.data import shards
+from pipeline.data.loader import ShardLoader
 
 HERE = Path(__file__).resolve().parent
 

@@ -12,17 +12,8 @@ import torch
 import torch.nn.functional as F
 import torch_fidelity.feature_extractor_inceptionv3 as fidelity_inception
 
-from pipeline import shards
-from pipeline.evaluator import (
-    EvaluatorConfig,
-    ReferenceNet,
-    ReferenceNetConfig,
-    decode_labelled,
-    load_evaluator,
-    save_evaluator,
-    train_evaluator,
-)
-from pipeline.metrics import (
+from pipeline.data import shards
+from pipeline.evaluation.metrics import (
     INCEPTION_FILE,
     MissingWeights,
     choose_extractor,
@@ -32,7 +23,16 @@ from pipeline.metrics import (
     inception_extractor,
     reference_extractor,
 )
-from pipeline.train import RunPaths, TrainConfig
+from pipeline.models.evaluator import (
+    EvaluatorConfig,
+    ReferenceNet,
+    ReferenceNetConfig,
+    decode_labelled,
+    load_evaluator,
+    save_evaluator,
+    train_evaluator,
+)
+from pipeline.training.train import RunPaths, TrainConfig
 
 SMALL = ReferenceNetConfig(channels=8, stages=2, blocks=1, feature_dim=32)
 NAMES = {"fid", "kid", "kid_std", "isc", "isc_std", "precision", "recall"}

@@ -10,11 +10,11 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.diffusion import DiffusionConfig
+from pipeline.models.diffusion import DiffusionConfig
+from pipeline.models.tokenizer import TokenLayout
+from pipeline.models.transformer import CART, Block, TransformerModelConfig, forward_flops
 from pipeline.params import Params, load_params
 from pipeline.plan import ACTIVATION_BYTES, CHECKPOINTED_BYTES, IMAGENET_TRAIN_IMAGES
-from pipeline.tokenizer import TokenLayout
-from pipeline.transformer import CART, Block, TransformerModelConfig, forward_flops
 from stages.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]

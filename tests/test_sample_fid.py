@@ -16,11 +16,11 @@ import torch
 import torch_fidelity
 from typer.testing import CliRunner
 
-from pipeline import sampling, shards
 from pipeline.config import InvalidInput
-from pipeline.metrics import INCEPTION_FILE, Images
-from pipeline.runtime import Dist
-from pipeline.sample_fid import (
+from pipeline.data import shards
+from pipeline.evaluation import sampling
+from pipeline.evaluation.metrics import INCEPTION_FILE, Images
+from pipeline.evaluation.sample_fid import (
     INCEPTION,
     features,
     frechet_distance,
@@ -29,7 +29,8 @@ from pipeline.sample_fid import (
     statistics,
     write_statistics,
 )
-from pipeline.sampling import chunk_generator, sample_chunk, sample_sharded
+from pipeline.evaluation.sampling import chunk_generator, sample_chunk, sample_sharded
+from pipeline.runtime import Dist
 from stages.cli import app
 from tests.test_metrics import random_inception_weights, smooth_images
 from tests.test_transformer import make_model, make_tokenizer

@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline import ingest, shards
-from pipeline.sources import DataConfig, SourceError, decode_rgb, demo_items
+from pipeline.data import ingest, shards
+from pipeline.data.sources import DataConfig, SourceError, decode_rgb, demo_items
 
 SMALL_DEMO = DataConfig(demo_train_per_class=6, demo_val_per_class=3, workers=1, shard_size=10)
 
@@ -42,7 +42,7 @@ def test_demo_writes_shards_and_manifest(tmp_path):
 
 
 def test_the_2x_reference_is_the_same_region_at_twice_the_pixels_never_upsampled(tmp_path):
-    from pipeline.sources import demo_photograph
+    from pipeline.data.sources import demo_photograph
 
     manifest = ingest.build_shards(SMALL_DEMO, tmp_path / "shards")
     samples = samples_of(tmp_path / "shards" / "train") + samples_of(tmp_path / "shards" / "val")

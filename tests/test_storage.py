@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import decomposed, shards
-from pipeline.decompose import DecomposeConfig, decompose
+from pipeline.data import decomposed, shards
+from pipeline.data.decompose import DecomposeConfig, decompose
 from tests.test_decompose import photograph_crops
 
 

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pipeline.config import InvalidInput
-from pipeline.tokenizer import Tokenizer, TokenizerModelConfig, TokenLayout, load_tokenizer, phi_choice
-from pipeline.tokenizer_training import MissingWeights, TokenizerLossConfig, TokenizerTask, load_lpips
-from pipeline.train import TrainConfig
+from pipeline.models.tokenizer import Tokenizer, TokenizerModelConfig, TokenLayout, load_tokenizer, phi_choice
+from pipeline.training.tokenizer_training import MissingWeights, TokenizerLossConfig, TokenizerTask, load_lpips
+from pipeline.training.train import TrainConfig
 from stages.cli import app
 
 HERE = Path(__file__).resolve().parent
@@ -173,7 +173,7 @@ def test_prefix_decodes_get_closer_to_the_image_as_maps_are_added(workspace):
     assert result.exit_code == 0, result.output
     model, config = load_tokenizer(workspace / "models" / "tokenizer" / "tokenizer")
     assert config["order"] == 2 and config["resolution"] == 16
-    from pipeline.decomposed import first_samples
+    from pipeline.data.decomposed import first_samples
 
     samples = list(first_samples(workspace / "data" / "decomposed" / "val", 32))
     image = torch.stack([s[1] for s in samples])
@@ -375,8 +375,8 @@ def test_a_var_structured_tokenizer_trains_a_step():
 
 
 def test_init_from_copies_every_tensor_into_a_tokenizer_of_any_order(tmp_path):
-    from pipeline.tokenizer import save_tokenizer
-    from pipeline.tokenizer_training import init_tokenizer_from
+    from pipeline.models.tokenizer import save_tokenizer
+    from pipeline.training.tokenizer_training import init_tokenizer_from
 
     save_tokenizer(tmp_path / "var", make(0, seed=1), 16)
     model = make(2, seed=2)
@@ -394,8 +394,8 @@ def test_init_from_copies_every_tensor_into_a_tokenizer_of_any_order(tmp_path):
 
 
 def test_train_tokenizer_starts_from_init_from_and_keeps_its_codebook(workspace):
+    from pipeline.models.tokenizer import save_tokenizer
     from pipeline.params import load_params
-    from pipeline.tokenizer import save_tokenizer
     from tests.workspace import write_params
 
     params = load_params(workspace / "params.yaml")
@@ -411,8 +411,8 @@ def test_train_tokenizer_starts_from_init_from_and_keeps_its_codebook(workspace)
 
 
 def test_a_frozen_tokenizer_is_init_from_weight_for_weight_and_frozen_alone_is_refused(workspace):
+    from pipeline.models.tokenizer import save_tokenizer
     from pipeline.params import load_params
-    from pipeline.tokenizer import save_tokenizer
     from tests.workspace import write_params
 
     params = load_params(workspace / "params.yaml")
@@ -433,7 +433,7 @@ def test_a_frozen_tokenizer_is_init_from_weight_for_weight_and_frozen_alone_is_r
 
 @pytest.mark.parametrize("problem", ["missing", "architecture"])
 def test_init_from_that_does_not_fit_exits_2_naming_it_and_writes_nothing(workspace, problem):
-    from pipeline.tokenizer import save_tokenizer
+    from pipeline.models.tokenizer import save_tokenizer
     from tests.workspace import write_params
 
     if problem == "architecture":  # 8 latent channels where the workspace's tokenizer has 4
@@ -454,7 +454,7 @@ def test_init_from_that_does_not_fit_exits_2_naming_it_and_writes_nothing(worksp
 def test_the_highres_term_reads_real_2x_images_on_every_kth_step_and_resumes_in_its_stream(tiny_data):
     """Multi-scale training: every highres_every-th step also autoencodes real 2× train images (hr.png); a run
     resumed at any step draws the batch the uninterrupted run would."""
-    from pipeline.tokenizer_training import TokenizerConfig, highres_loaders
+    from pipeline.training.tokenizer_training import TokenizerConfig, highres_loaders
 
     cfg = TokenizerConfig(loss=TokenizerLossConfig(highres_batch=4, highres_every=3))
     (train, per_epoch), val = highres_loaders(tiny_data / "data" / "shards", cfg)
@@ -474,7 +474,7 @@ def test_the_highres_term_reads_real_2x_images_on_every_kth_step_and_resumes_in_
 
 
 def test_the_highres_term_without_the_shards_is_an_error_not_a_silent_change_of_recipe(tmp_path):
-    from pipeline.tokenizer_training import TokenizerConfig, highres_loaders
+    from pipeline.training.tokenizer_training import TokenizerConfig, highres_loaders
 
     with pytest.raises(InvalidInput, match="lambda_highres"):
         highres_loaders(tmp_path / "data" / "shards", TokenizerConfig())

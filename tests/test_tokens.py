@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from typer.testing import CliRunner
 
-from pipeline import shards
-from pipeline.decomposed import decode_training_sample, split_shards
+from pipeline.data import shards
+from pipeline.data.decomposed import decode_training_sample, split_shards
+from pipeline.data.tokens import decode_token_sample, flatten_maps, layout_from_manifest, split_maps
+from pipeline.models.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
 from pipeline.params import load_params
-from pipeline.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
-from pipeline.tokens import decode_token_sample, flatten_maps, layout_from_manifest, split_maps
 from stages.cli import app
 
 runner = CliRunner()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.train import Phase, RunPaths, TrainConfig, ema_copy, ema_update, train
-from pipeline.transformer_training import TransformerTask, TransformerTrainConfig
+from pipeline.training.train import Phase, RunPaths, TrainConfig, ema_copy, ema_update, train
+from pipeline.training.transformer_training import TransformerTask, TransformerTrainConfig
 from tests.test_transformer import make_model, make_tokenizer, random_indices
 
 
@@ -104,7 +104,7 @@ def test_a_killed_run_resumes_its_weight_average_exactly(tmp_path):
 
 def saved_bytes(model, tokenizer, checkpointing: bool) -> tuple[int, list[torch.Tensor]]:
     """Bytes the autograd graph keeps for one training step, and the gradients of that step (same seed)."""
-    from pipeline.transformer import teacher_forcing_inputs
+    from pipeline.models.transformer import teacher_forcing_inputs
 
     indices = random_indices(tokenizer, 4)
     x_BlC = teacher_forcing_inputs(model, tokenizer, indices)
@@ -137,7 +137,7 @@ def test_activation_checkpointing_keeps_less_and_gives_the_same_gradients():
 
 
 def test_auto_precision_is_bf16_where_the_hardware_has_it(monkeypatch):
-    from pipeline.train import uses_bf16
+    from pipeline.training.train import uses_bf16
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert uses_bf16("bf16", cpu) and not uses_bf16("fp32", cuda)

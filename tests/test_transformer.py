@@ -8,10 +8,9 @@ import json
 import pytest
 import torch
 
-from pipeline.coarse import codebook_clusters
-from pipeline.tokenizer import Tokenizer, TokenizerModelConfig
-from pipeline.train import decay_groups
-from pipeline.transformer import (
+from pipeline.models.coarse import codebook_clusters
+from pipeline.models.tokenizer import Tokenizer, TokenizerModelConfig
+from pipeline.models.transformer import (
     CART,
     SamplingConfig,
     TransformerModelConfig,
@@ -21,6 +20,7 @@ from pipeline.transformer import (
     sample_tokens,
     save_transformer,
 )
+from pipeline.training.train import decay_groups
 
 TOKENIZER = TokenizerModelConfig(
     channels=8,
@@ -359,7 +359,7 @@ def test_var_fid_preset_is_vars_recipe():
 
 def test_init_from_copies_what_fits_and_the_embeddings_of_the_shared_maps(tmp_path):
     """An order-0 (VAR) transformer starts an order-2 one: VAR's maps 1² … 4² open both layouts."""
-    from pipeline.transformer_training import init_transformer_from
+    from pipeline.training.transformer_training import init_transformer_from
 
     source = make_model(make_tokenizer(order=0), seed=1)
     save_transformer(tmp_path / "var", source)
@@ -388,7 +388,7 @@ def test_init_from_copies_what_fits_and_the_embeddings_of_the_shared_maps(tmp_pa
 @pytest.mark.parametrize("clusters", [0, 4])  # 4: coarse-to-fine, the CTF paper's own (raster-order) setting
 def test_next_token_prediction_is_token_causal_and_its_cached_sampling_matches_the_full_model(clusters):
     """The Table-3 'AR' row: one full-resolution map, raster order, each token reading the code before it."""
-    from pipeline.transformer import teacher_forcing_inputs
+    from pipeline.models.transformer import teacher_forcing_inputs
 
     torch.set_default_dtype(torch.float64)
     try:

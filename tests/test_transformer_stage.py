@@ -12,10 +12,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from pipeline.evaluation.sampling import sample_images
+from pipeline.models.tokenizer import load_tokenizer
+from pipeline.models.transformer import load_transformer
 from pipeline.params import load_params
-from pipeline.sampling import sample_images
-from pipeline.tokenizer import load_tokenizer
-from pipeline.transformer import load_transformer
 from stages.cli import app
 from tests.resume import assert_killed_run_resumes_to_the_uninterrupted_result
 from tests.workspace import add_tokens, write_params
@@ -43,8 +43,8 @@ def test_stage_trains_saves_weights_and_val_loss_falls(tokens):
 
 
 def test_stage_starts_from_init_from_and_prints_what_it_copied(tokens):
-    from pipeline.transformer import save_transformer
-    from pipeline.transformer_training import build_model
+    from pipeline.models.transformer import save_transformer
+    from pipeline.training.transformer_training import build_model
 
     manifest = json.loads((tokens / "data" / "tokens" / "manifest.json").read_text())
     cfg = load_params(tokens / "params.yaml").transformer
@@ -78,7 +78,7 @@ def test_sample_writes_a_grid_and_a_progressive_strip_and_is_seeded(tokens):
 
 
 def test_the_weight_average_is_saved_beside_the_weights_and_sampled_unless_raw_is_asked_for(tokens):
-    from pipeline.transformer import sampling_stem
+    from pipeline.models.transformer import sampling_stem
 
     write_params(tokens, {"transformer": {"train": {"steps": 12, "ema_decay": 0.8}}})
     assert runner.invoke(app, ["train-transformer"]).exit_code == 0

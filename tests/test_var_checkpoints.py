@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from pipeline.tokenizer import load_tokenizer
-from pipeline.transformer import load_transformer
+from pipeline.models.tokenizer import load_tokenizer
+from pipeline.models.transformer import load_transformer
 from stages.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,7 +252,7 @@ def test_bad_checkpoints_exit_2_naming_file_and_key_and_write_nothing(var_files,
 
 
 def test_export_refuses_what_vars_code_cannot_hold(var_files, tmp_path):
-    from pipeline.tokenizer import Tokenizer, TokenizerModelConfig, save_tokenizer
+    from pipeline.models.tokenizer import Tokenizer, TokenizerModelConfig, save_tokenizer
 
     narrow = TokenizerModelConfig(channels=16, channel_multipliers=[1, 2], latent_channels=8, scales=[1, 2, 4])
     for order, stem, message in ((1, "detail", "only order 0 exports"), (0, "narrow", "multiple of 32")):

@@ -88,9 +88,9 @@ def add_tokens(root: Path) -> Path:
     """An untrained tokenizer saved where train_tokenizer puts it, and the token shards extract_tokens makes."""
     import torch
 
+    from pipeline.data.tokens import extract_tokens
+    from pipeline.models.tokenizer import Tokenizer, save_tokenizer
     from pipeline.params import load_params
-    from pipeline.tokenizer import Tokenizer, save_tokenizer
-    from pipeline.tokens import extract_tokens
 
     params = load_params(root / "params.yaml")
     torch.manual_seed(0)
@@ -107,8 +107,8 @@ def add_tokens(root: Path) -> Path:
 
 def build_data(root: Path, override: dict | None = None) -> Path:
     """Shards and decomposed shards under ``root/data`` as the stages would write them."""
-    from pipeline.decomposed import decompose_splits
-    from pipeline.ingest import build_shards
+    from pipeline.data.decomposed import decompose_splits
+    from pipeline.data.ingest import build_shards
     from pipeline.params import load_params
 
     params = load_params(write_params(root, override))

@@ -4,7 +4,7 @@ FID, KID and precision/recall need an embedding of images, and the Inception Sco
 one (Inception-v3) needs weights that may not be at hand; this network is trained here, in about a minute on a
 CPU, on the same classes the generator learns. Its penultimate layer (``features``) feeds FID, KID and PRC, its
 ``logits`` the Inception Score and the class consistency of conditional samples. Numbers it produces are only
-comparable between runs that use the same reference weights: ``pipeline.metrics`` names them ``*_ref``.
+comparable between runs that use the same reference weights: ``pipeline.evaluation.metrics`` names them ``*_ref``.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import atomic, shards
+from pipeline import atomic
 from pipeline.config import Field, section
+from pipeline.data import shards
+from pipeline.models.weights import load_config, load_state, save_weights
 from pipeline.progress import Progress
-from pipeline.train import Phase, RunPaths, TrainConfig, adamw, decay_groups
-from pipeline.weights import load_config, load_state, save_weights
+from pipeline.training.train import Phase, RunPaths, TrainConfig, adamw, decay_groups
 
 
 @section
@@ -239,9 +240,9 @@ def train_evaluator(
     With ``highres_count`` (how many train samples hold a 2× reference) it learns the 2× images (``hr.png``) at
     ``resolution`` instead: the feature network of the ``*_2x`` metrics, which must see real detail at that size.
     """
-    from pipeline.loader import ShardLoader
+    from pipeline.data.loader import ShardLoader
     from pipeline.runtime import dist_from_env
-    from pipeline.train import shard_training_loader, train
+    from pipeline.training.train import shard_training_loader, train
 
     if not train_shards or not val_shards:
         raise FileNotFoundError("the reference classifier needs train and val shards (it is measured on val)")

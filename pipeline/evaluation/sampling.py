@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.models.tokenizer import Tokenizer
+from pipeline.models.transformer import CART, SamplingConfig, generate
 from pipeline.runtime import Dist, share
-from pipeline.tokenizer import Tokenizer
-from pipeline.transformer import CART, SamplingConfig, generate
 
 
 @dataclass

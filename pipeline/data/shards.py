@@ -4,7 +4,7 @@ A split is a directory of ``shard-%06d.tar`` files; a sample is a group of tar m
 (``<key>.png``, ``<key>.cls``, ``<key>.json``, ``<key>.<name>.npy`` ...). Writing is byte-reproducible: fixed
 mtime, owner and member order, so the same samples give the same files and DVC sees no change.
 
-Training reads shards through ``pipeline.loader``; this module is the format alone and needs no torch, so
+Training reads shards through ``pipeline.data.loader``; this module is the format alone and needs no torch, so
 worker processes that only encode images start fast.
 """
 

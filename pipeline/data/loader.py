@@ -22,7 +22,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from pipeline import shards
+from pipeline.data import shards
 
 
 def _rank() -> tuple[int, int]:
@@ -99,7 +99,7 @@ def worker_context() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["pipeline.loader", "pipeline.shards"])  # no effect once the server runs
+    context.set_forkserver_preload(["pipeline.data.loader", "pipeline.data.shards"])  # no effect once the server runs
     return context
 
 

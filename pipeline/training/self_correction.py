@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import Field, section
-from pipeline.tokenizer import Tokenizer
+from pipeline.models.tokenizer import Tokenizer
 
 
 @section

@@ -13,7 +13,7 @@ import torch
 from matplotlib.figure import Figure
 
 from pipeline import atomic
-from pipeline.decompose import details
+from pipeline.data.decompose import details
 
 
 def _numpy(x) -> np.ndarray:

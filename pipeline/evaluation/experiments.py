@@ -139,7 +139,7 @@ def fid_order_figure(table: list[dict[str, Any]], path: str | os.PathLike) -> No
     """FID (mean ± std over seeds) against decomposition order, one series per setting of the other params."""
     from matplotlib.figure import Figure
 
-    from pipeline.figures import _save
+    from pipeline.evaluation.figures import _save
 
     series: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in table:

@@ -1,7 +1,7 @@
 """Sample-quality metrics through torch-fidelity: FID, KID, Inception Score, precision and recall.
 
 Two feature networks can produce them: torch-fidelity's Inception-v3 (the published numbers' network, whose
-weights are read from disk and never downloaded) or the reference classifier of ``pipeline.evaluator``, trained
+weights are read from disk and never downloaded) or the reference classifier of ``pipeline.models.evaluator``, trained
 here. Every metric name ends with the network it came from, ``_inception`` or ``_ref``, because the two scales
 have nothing in common: a ``fid_ref`` is never to be compared with a ``fid_inception``.
 """
@@ -20,8 +20,8 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from pipeline.config import InvalidInput
-from pipeline.evaluator import ReferenceNet, load_evaluator
-from pipeline.tokenizer_training import MissingWeights
+from pipeline.models.evaluator import ReferenceNet, load_evaluator
+from pipeline.training.tokenizer_training import MissingWeights
 
 # torch-fidelity's Inception-v3 (converted from TensorFlow's 2015-12-05 graph) as torch.hub caches it.
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"

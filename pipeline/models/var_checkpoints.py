@@ -38,8 +38,8 @@ import torch
 
 from pipeline import atomic
 from pipeline.config import InvalidInput
-from pipeline.tokenizer import Tokenizer, TokenizerModelConfig, load_tokenizer, save_tokenizer
-from pipeline.transformer import CART, TransformerModelConfig, load_transformer, save_transformer
+from pipeline.models.tokenizer import Tokenizer, TokenizerModelConfig, load_tokenizer, save_tokenizer
+from pipeline.models.transformer import CART, TransformerModelConfig, load_transformer, save_transformer
 
 # VAR's published token-map schedules, recognised by their token count L (its 256 px and 512 px models).
 VAR_SCHEDULES = {

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import Field, section
-from pipeline.tokenizer import Tokenizer
-from pipeline.transformer import CART, SamplingConfig, generate
+from pipeline.models.tokenizer import Tokenizer
+from pipeline.models.transformer import CART, SamplingConfig, generate
 
 
 @section
@@ -173,7 +173,7 @@ def highres_figure(
     model, tokenizer, labels_N, sampling: SamplingConfig, scale: int, path, cfg: HighresConfig | None = None
 ) -> HighRes:
     """Figure 6: the plain sample upsampled bilinearly beside CART's generation at ``scale``× per sample."""
-    from pipeline.figures import image_grid
+    from pipeline.evaluation.figures import image_grid
 
     device = next(model.parameters()).device
     result = generate_highres(model, tokenizer, labels_N.to(device), sampling, scale, cfg)

@@ -18,12 +18,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline import atomic, shards
+from pipeline import atomic
 from pipeline.config import Field, section
-from pipeline.decomposed import SPLITS, decode_training_sample, split_shards
+from pipeline.data import shards
+from pipeline.data.decomposed import SPLITS, decode_training_sample, split_shards
+from pipeline.models.tokenizer import Tokenizer, TokenLayout, load_tokenizer
 from pipeline.progress import Progress, Silent
 from pipeline.runtime import barrier, init_data_parallel, open_resumable, resolve_device, todo_share
-from pipeline.tokenizer import Tokenizer, TokenLayout, load_tokenizer
 
 
 @section

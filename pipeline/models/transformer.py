@@ -11,8 +11,9 @@ Sampling goes map by map with a KV cache: map m's tokens attend to the cached ke
 one another, so no mask is needed. Classifier-free guidance runs conditional and unconditional rows as one batch.
 
 The head is a softmax over the codebook, or, for a continuous tokenizer, MAR's diffusion head
-(``pipeline.diffusion``): the trunk's output z of a token conditions a small denoiser that draws the token's vector,
-standardised by its map's token RMS. Everything else (inputs, cache, guidance rows) is the same for both.
+(``pipeline.models.diffusion``): the trunk's output z of a token conditions a small denoiser that draws
+the token's vector, standardised by its map's token RMS. Everything else (inputs, cache, guidance rows)
+is the same for both.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from pipeline.coarse import FineHead
 from pipeline.config import Field, section
-from pipeline.diffusion import DiffusionConfig, DiffusionHead
-from pipeline.tokenizer import Tokenizer, TokenLayout
-from pipeline.weights import load_config, load_state, save_weights
+from pipeline.models.coarse import FineHead
+from pipeline.models.diffusion import DiffusionConfig, DiffusionHead
+from pipeline.models.tokenizer import Tokenizer, TokenLayout
+from pipeline.models.weights import load_config, load_state, save_weights
 
 
 @section
@@ -239,7 +240,7 @@ def block_causal_mask(lengths: list[int]) -> torch.Tensor:
 class CART(nn.Module):
     """Class-conditional decoder-only transformer over a ``TokenLayout``: logits over the codebook per token.
 
-    With ``clusters`` > 0 (coarse-to-fine prediction, ``pipeline.coarse``) the head's logits are over the coarse
+    With ``clusters`` > 0 (coarse-to-fine prediction, ``pipeline.models.coarse``) the head's logits are over the coarse
     labels and ``self.fine`` predicts the code given its label. With ``diffusion`` (continuous tokens) the head is
     the identity: the trunk's output is the condition z of a diffusion head per token.
     """

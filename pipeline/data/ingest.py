@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import atomic, shards
-from pipeline.progress import Progress, Silent
-from pipeline.sources import (
+from pipeline import atomic
+from pipeline.data import shards
+from pipeline.data.sources import (
     DataConfig,
     Item,
     Skipped,
@@ -24,6 +24,7 @@ from pipeline.sources import (
     load_demo_item,
     load_file_item,
 )
+from pipeline.progress import Progress, Silent
 
 SPLITS = ("train", "val")
 # Items go to the worker pool in windows: results come back in order while memory stays bounded.

@@ -28,10 +28,10 @@ from torch import nn
 
 from pipeline import atomic
 from pipeline.config import Field, InvalidInput, section
-from pipeline.convnets import PatchDiscriminator
+from pipeline.models.convnets import PatchDiscriminator
+from pipeline.models.tokenizer import Tokenizer, TokenizerModelConfig, save_tokenizer
 from pipeline.progress import Progress
-from pipeline.tokenizer import Tokenizer, TokenizerModelConfig, save_tokenizer
-from pipeline.train import Phase, TrainConfig, adamw, decay_groups
+from pipeline.training.train import Phase, TrainConfig, adamw, decay_groups
 
 # torchvision's file names for the LPIPS backbones, as torch.hub caches them.
 LPIPS_BACKBONE_FILES = {
@@ -133,7 +133,7 @@ def init_tokenizer_from(model: Tokenizer, stem: str | Path) -> list[str]:
     the key: a partial copy would silently train a different network than the one asked for.
     """
     from pipeline.config import ConfigError
-    from pipeline.weights import load_init_source
+    from pipeline.models.weights import load_init_source
 
     _, state = load_init_source(stem, "tokenizer.init_from")
     ours = model.state_dict()
@@ -313,7 +313,7 @@ class TokenizerTask:
         if self.highres_loader is None or self.cfg.lambda_highres == 0 or step % self.cfg.highres_every:
             return None
         if self._highres_stream is None:
-            from pipeline.train import batches_from
+            from pipeline.training.train import batches_from
 
             loader, per_epoch = self.highres_loader
             done = -(-step // self.cfg.highres_every)  # highres batches the steps before this one drew
@@ -490,11 +490,11 @@ def train_tokenizers(
     """Train every variant (resuming from matching checkpoints), save weights, evaluate, draw the figures.
 
     With ``cfg.init_from`` every variant starts from that tokenizer; ``log`` hears what was copied."""
-    from pipeline.decomposed import decode_training_sample, split_shards
-    from pipeline.loader import ShardLoader
+    from pipeline.data.decomposed import decode_training_sample, split_shards
+    from pipeline.data.loader import ShardLoader
+    from pipeline.models.weights import init_fingerprint
     from pipeline.runtime import dist_from_env
-    from pipeline.train import RunPaths, shard_training_loader, train
-    from pipeline.weights import init_fingerprint
+    from pipeline.training.train import RunPaths, shard_training_loader, train
 
     perceptual = load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_weights) if cfg.loss.lambda_perceptual > 0 else None
     manifest = json.loads((paths.data / "manifest.json").read_text())
@@ -561,9 +561,9 @@ def train_tokenizers(
 def highres_loaders(shards_dir: Path, cfg: TokenizerConfig):
     """((train loader, batches per epoch), val loader) of the real highres_scale× images in ``data/shards``, or
     None when the shards hold none or the highres term is off."""
-    from pipeline.evaluator import decode_labelled_highres, has_highres
-    from pipeline.loader import ShardLoader
-    from pipeline.shards import list_shards
+    from pipeline.data.loader import ShardLoader
+    from pipeline.data.shards import list_shards
+    from pipeline.models.evaluator import decode_labelled_highres, has_highres
 
     if cfg.loss.lambda_highres == 0:
         return None
@@ -617,7 +617,7 @@ def _lpips_if_available(cfg: TokenizerLossConfig) -> nn.Module | None:
 
 
 def _report(results: dict[str, dict[str, Any]], main: Tokenizer, val_loader, paths: TokenizerPaths) -> None:
-    from pipeline.figures import depth_curves_figure, image_grid
+    from pipeline.evaluation.figures import depth_curves_figure, image_grid
 
     scalars = {name: {k: v for k, v in r.items() if not isinstance(v, list)} for name, r in results.items()}
     atomic.write_json(paths.metrics, scalars)

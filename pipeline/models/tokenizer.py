@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import Field, section
-from pipeline.convnets import Decoder, Encoder
-from pipeline.weights import load_config, load_state, save_weights
+from pipeline.models.convnets import Decoder, Encoder
+from pipeline.models.weights import load_config, load_state, save_weights
 
 
 @section

@@ -1,4 +1,4 @@
-"""Training the next-detail transformer (paper §3.3) with the shared loop of ``pipeline.train``.
+"""Training the next-detail transformer (paper §3.3) with the shared loop of ``pipeline.training.train``.
 
 Teacher forcing reads the stored tokens of an image, rebuilds with the frozen tokenizer the input of every map
 (f̂ after the maps before it, exactly as sampling will) and predicts all maps at once; the loss is the
@@ -19,15 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import atomic
-from pipeline.coarse import CoarseConfig, codebook_clusters
 from pipeline.config import ConfigError, Field, section
-from pipeline.diffusion import DiffusionConfig
-from pipeline.progress import Progress
-from pipeline.self_correction import SelfCorrectionConfig, self_correct
-from pipeline.tokenizer import Tokenizer, TokenLayout, load_tokenizer
-from pipeline.tokens import decode_token_sample, layout_from_manifest, split_maps
-from pipeline.train import Phase, RunPaths, TrainConfig, adamw, decay_groups, ema_copy, ema_update
-from pipeline.transformer import (
+from pipeline.data.tokens import decode_token_sample, layout_from_manifest, split_maps
+from pipeline.models.coarse import CoarseConfig, codebook_clusters
+from pipeline.models.diffusion import DiffusionConfig
+from pipeline.models.tokenizer import Tokenizer, TokenLayout, load_tokenizer
+from pipeline.models.transformer import (
     CART,
     SamplingConfig,
     TransformerModelConfig,
@@ -36,6 +33,9 @@ from pipeline.transformer import (
     save_transformer,
     teacher_forcing_inputs,
 )
+from pipeline.progress import Progress
+from pipeline.training.self_correction import SelfCorrectionConfig, self_correct
+from pipeline.training.train import Phase, RunPaths, TrainConfig, adamw, decay_groups, ema_copy, ema_update
 
 
 @section
@@ -293,7 +293,7 @@ def init_transformer_from(model: CART, stem: str | Path) -> InitReport:
     of the base and learns those of its detail maps. A different width leaves nothing to copy: ``ConfigError``.
     """
     from pipeline.config import ConfigError
-    from pipeline.weights import load_init_source
+    from pipeline.models.weights import load_init_source
 
     config, state = load_init_source(stem, "transformer.init_from")
     ours = model.state_dict()
@@ -390,11 +390,11 @@ def train_transformer(
     """Train (resuming from a matching checkpoint), save the weights, return val metrics before and after.
 
     With ``cfg.init_from`` the model starts from that transformer; ``log`` hears what was copied and what not."""
-    from pipeline.decomposed import split_shards
-    from pipeline.loader import ShardLoader
+    from pipeline.data.decomposed import split_shards
+    from pipeline.data.loader import ShardLoader
+    from pipeline.models.weights import init_fingerprint
     from pipeline.runtime import dist_from_env
-    from pipeline.train import shard_training_loader, train
-    from pipeline.weights import init_fingerprint
+    from pipeline.training.train import shard_training_loader, train
 
     manifest = json.loads((paths.tokens / "manifest.json").read_text())
     tokenizer, tokenizer_config = load_tokenizer(paths.tokenizer)

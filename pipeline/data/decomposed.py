@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import atomic, shards
-from pipeline.decompose import DecomposeConfig, DecompositionError, decompose, details
+from pipeline import atomic
+from pipeline.data import shards
+from pipeline.data.decompose import DecomposeConfig, DecompositionError, decompose, details
 from pipeline.progress import Progress, Silent
 from pipeline.runtime import barrier, init_data_parallel, open_resumable, resolve_device, todo_share
 

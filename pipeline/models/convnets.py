@@ -4,7 +4,7 @@ Encoder: conv_in → per level [ResBlocks (each followed by self-attention on at
 mid (ResBlock, attention, ResBlock) → GroupNorm, SiLU, conv_out to the latent channels. Decoder: the mirror image,
 one more ResBlock per level, nearest-neighbour upsampling. Configured as VAR's ``vae_ch160v4096z32`` (ch 160,
 multipliers 1, 1, 2, 2, 4, two blocks, attention at the lowest level) the module tree and every tensor shape are
-VAR's, so its released weights load under the same names (``pipeline.var_checkpoints``).
+VAR's, so its released weights load under the same names (``pipeline.models.var_checkpoints``).
 
 PatchDiscriminator: the pix2pix/VQGAN N-layer patch critic used by the adversarial loss.
 """

@@ -1,15 +1,15 @@
 """The field's FID protocol: N images per class from the trained transformer, as PNGs and as the ``samples.npz``
 OpenAI's ADM evaluator reads, and FID against reference statistics with torch-fidelity's Inception-v3.
 
-Sampling goes in chunks of ``batch_size`` images (``pipeline.sampling.sample_chunk``), each drawn with its own
-seed derived from (``transformer.sampling.seed``, chunk index): under torchrun every rank draws its share of the
-chunks and no two chunks, hence no two ranks, share a random stream; the images do not depend on the number of
-ranks. Chunks are written into a resumable work directory (``samples/.fid.partial``) and marked done once their
-PNGs are on disk, so a killed run, rerun, keeps every finished chunk. Rank 0 then packs ``samples.npz``
-(``arr_0``: uint8 N×H×W×3, ``arr_1``: int64 labels, ADM's layout), computes the Inception features of the
-samples and their FID against ``evaluate.reference_stats`` (an ``.npz`` with ``mu`` and ``sigma``, as ADM's
-``VIRTUAL_imagenet256_labeled.npz`` or MAR's ``adm_in256_stats.npz``), and writes the sampling recipe beside the
-number.
+Sampling goes in chunks of ``batch_size`` images (``pipeline.evaluation.sampling.sample_chunk``), each drawn
+with its own seed derived from (``transformer.sampling.seed``, chunk index): under torchrun every rank draws its
+share of the chunks and no two chunks, hence no two ranks, share a random stream; the images do not depend on
+the number of ranks. Chunks are written into a resumable work directory (``samples/.fid.partial``) and marked
+done once their PNGs are on disk, so a killed run, rerun, keeps every finished chunk. Rank 0 then packs
+``samples.npz`` (``arr_0``: uint8 N×H×W×3, ``arr_1``: int64 labels, ADM's layout), computes the Inception
+features of the samples and their FID against ``evaluate.reference_stats`` (an ``.npz`` with ``mu`` and
+``sigma``, as ADM's ``VIRTUAL_imagenet256_labeled.npz`` or MAR's ``adm_in256_stats.npz``), and writes the
+sampling recipe beside the number.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline import atomic, shards
+from pipeline import atomic
 from pipeline.config import Field, InvalidInput, section
+from pipeline.data import shards
 from pipeline.progress import Progress, Silent
 from pipeline.runtime import barrier, init_data_parallel, open_resumable, resolve_device, todo_share
 
@@ -87,10 +88,10 @@ def load_reference_stats(path: str | Path, key: str = "evaluate.reference_stats"
 
 def inception(weights: str | Path | None, device: torch.device):
     """torch-fidelity's Inception-v3 (``inception-v3-compat``, the TensorFlow FID network) from disk, never
-    downloaded, its file checked to hold tensors only first (``pipeline.metrics.inception_extractor``)."""
+    downloaded, its file checked to hold tensors only first (``pipeline.evaluation.metrics.inception_extractor``)."""
     from torch_fidelity.utils import create_feature_extractor
 
-    from pipeline.metrics import inception_extractor
+    from pipeline.evaluation.metrics import inception_extractor
 
     path = inception_extractor(weights).weights  # MissingWeights (exit 1) saying where to put the file
     return create_feature_extractor(
@@ -169,11 +170,11 @@ def sample_fid(
 ) -> dict[str, Any] | None:
     """Draw ``cfg.per_class`` images of every class into ``paths.out`` and measure their FID against
     ``reference_stats`` (when given); return the metrics with the recipe (rank 0; other ranks return None)."""
-    from pipeline.evaluation import to_uint8
-    from pipeline.metrics import inception_extractor
-    from pipeline.sampling import chunk_labels, sample_chunk
-    from pipeline.tokenizer import load_tokenizer
-    from pipeline.transformer import load_transformer, sampling_stem
+    from pipeline.evaluation.evaluation import to_uint8
+    from pipeline.evaluation.metrics import inception_extractor
+    from pipeline.evaluation.sampling import chunk_labels, sample_chunk
+    from pipeline.models.tokenizer import load_tokenizer
+    from pipeline.models.transformer import load_transformer, sampling_stem
 
     progress = progress or Silent()
     device = resolve_device(cfg.device)
@@ -257,7 +258,7 @@ def reference_statistics(
     urls: list[str], inception_weights: str | None, device: torch.device, batch_size: int = 64
 ) -> tuple[dict[str, np.ndarray], int]:
     """Inception statistics of the images of image shards (e.g. a val or train split), and their count."""
-    from pipeline.evaluator import decode_labelled
+    from pipeline.models.evaluator import decode_labelled
 
     extractor = inception(inception_weights, device)
 

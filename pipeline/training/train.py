@@ -114,7 +114,7 @@ def shard_training_loader(
 
     Resampled mode: every DDP rank yields the same number of batches, so ranks never disagree on the step count.
     """
-    from pipeline.loader import ShardLoader
+    from pipeline.data.loader import ShardLoader
 
     per_epoch = max(1, count // (cfg.batch_size * dist_from_env().world_size))
     loader = ShardLoader(

@@ -1,0 +1,1 @@
+"""The datasets and how they are made and read: image sources, shards, the base–detail decomposition and the tokens."""

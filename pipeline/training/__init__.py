@@ -1,0 +1,1 @@
+"""Training: the one shared training loop, and how the tokenizer and the transformer are trained in it."""
