@@ -40,7 +40,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.experiments import experiment_points, flatten, group_runs  # noqa: E402
+from pipeline.evaluation.experiments import experiment_points, flatten, group_runs  # noqa: E402
 
 CODE = ("pipeline", "stages")  # linked into every stage directory: dvc.yaml's code deps
 SKIPPED_STAGES = ("sample_fid",)  # the field's FID protocol needs Inception weights; the tables use FID_ref
@@ -287,7 +287,8 @@ def markdown(table_rows: dict[str, dict[str, Any]], group: list[str]) -> str:
         label = ", ".join([f"order {row['order']}"] + [f"{k}={_short(v)}" for k, v in row["differs"].items()])
         lines.append(
             f"| {label} ({', '.join(row['names'])}) | {row['runs']} | {row['tokens']:.0f} | {row['maps']:.0f} "
-            f"| {row['parameters'] / 1e6:.2f} M | {row['train_flops_per_image'] / 1e9:.2f} | {_cell(row, 'fid_ref', 2)} "
+            f"| {row['parameters'] / 1e6:.2f} M | {row['train_flops_per_image'] / 1e9:.2f} "
+            f"| {_cell(row, 'fid_ref', 2)} "
             f"| {_cell(row, 'reconstruction_fid_ref', 2)} | {_cell(row, 'class_consistency_ref', 3)} "
             f"| {_cell(row, 'precision_ref', 3)} | {_cell(row, 'recall_ref', 3)} "
             f"| {_cell(row, 'sampling_images_per_s', 1)} |"
