@@ -145,7 +145,7 @@ def test_shard_command_with_missing_source_exits_1(tmp_path, monkeypatch):
     assert "does not exist" in result.output
 
 
-def test_the_cifar10_preset_sets_every_key_and_differs_from_the_demo_in_data_budgets_and_classifier_only():
+def test_the_cifar10_preset_sets_every_key_and_differs_from_the_demo_in_data_budgets_classifier_and_norm_only():
     def keys(values: dict, prefix: str = "") -> set[str]:
         nested = (keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"} for k, v in values.items())
         return set().union(*nested)
@@ -156,5 +156,9 @@ def test_the_cifar10_preset_sets_every_key_and_differs_from_the_demo_in_data_bud
     p = load_params(ROOT / "params/cifar10.yaml")
     assert p.data.resolution == 32 and p.data.highres_scale == p.evaluate.highres_scale == 0  # no 2× originals
     assert p.evaluator.train.steps * p.evaluator.train.batch_size >= 10 * 45_000  # ~11 epochs of the train split
-    for section in ("tokenizer", "transformer"):  # the tables compare orders at the demo's network sizes
+    # The tables compare orders at the demo's network sizes. The demo keeps the GroupNorm rule its measured tables
+    # were made with; CIFAR-10 needs several channels per group to keep the images' colour (README, "CIFAR-10").
+    assert cifar["tokenizer"]["model"].pop("min_group_channels") == 4
+    assert demo["tokenizer"]["model"].pop("min_group_channels") == 1
+    for section in ("tokenizer", "transformer"):
         assert cifar[section]["model"] == demo[section]["model"]

@@ -361,6 +361,47 @@ def test_the_default_conv_net_has_vars_vqvae_structure():
         TokenizerModelConfig(**{**VAR_STRUCTURE.__dict__, "attention_levels": [3]})
 
 
+def test_narrow_tokenizers_keep_several_channels_in_every_norm_group_and_vars_widths_keep_32_groups():
+    """One channel per GroupNorm group removes each channel's mean over the image (on CIFAR-10 the demo-width
+    tokenizer lost its colour that way); VAR's widths (160 · 1, 2, 4) keep VAR's 32 groups either way."""
+    from pipeline.models.convnets import norm
+
+    groups = {m.num_channels: m.num_groups for m in Tokenizer(SMALL, 0).modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert groups == {8: 2, 16: 4}  # SMALL: widths 8 and 16
+    old = {c: norm(c, 1).num_groups for c in (8, 16, 48)}
+    assert old == {8: 8, 16: 16, 48: 16}  # the earlier rule: 32 groups, halved until they divide
+    assert all(norm(c).num_groups == norm(c, 1).num_groups == 32 for c in (128, 160, 320, 640))
+
+
+def test_a_tokenizer_saved_before_min_group_channels_loads_with_the_norm_it_was_trained_with(tmp_path):
+    from pipeline.models.tokenizer import save_tokenizer
+
+    old = make(0, TokenizerModelConfig(**{**SMALL.__dict__, "min_group_channels": 1}), seed=4)
+    save_tokenizer(tmp_path / "old", old, 16)
+    saved = json.loads((tmp_path / "old.json").read_text())
+    del saved["model"]["min_group_channels"]  # as a tokenizer saved before the key existed
+    (tmp_path / "old.json").write_text(json.dumps(saved))
+    loaded, _ = load_tokenizer(tmp_path / "old")
+    image = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.decode(loaded.encode(image)), old.decode(old.encode(image)))
+
+
+def test_init_from_a_tokenizer_with_other_norm_groups_exits_2_naming_min_group_channels(workspace):
+    from pipeline.models.tokenizer import save_tokenizer
+    from pipeline.params import load_params
+    from tests.workspace import write_params
+
+    params = load_params(workspace / "params.yaml")
+    old = TokenizerModelConfig(**{**params.tokenizer.model.__dict__, "min_group_channels": 1})
+    save_tokenizer(workspace / "start", make(0, old), 16)
+    write_params(workspace, {"tokenizer": {"init_from": "start"}})
+    result = CliRunner().invoke(app, ["train-tokenizer"])
+    assert result.exit_code == 2, result.output
+    assert "set tokenizer.model.min_group_channels to 1" in " ".join(result.output.split())
+    assert not (workspace / "models" / "tokenizer").exists()
+
+
 def test_a_var_structured_tokenizer_trains_a_step():
     torch.manual_seed(0)
     model = Tokenizer(VAR_STRUCTURE, 1).train()

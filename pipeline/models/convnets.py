@@ -16,19 +16,22 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def norm(channels: int) -> nn.GroupNorm:
-    # 32 groups as in VQGAN and VAR; fewer when a narrow demo model has a width that 32 does not divide.
+def norm(channels: int, min_group_channels: int = 4) -> nn.GroupNorm:
+    # 32 groups as in VQGAN and VAR (ch 160: 5 channels each). A narrow network gets fewer groups, never fewer than
+    # ``min_group_channels`` channels in each: with one channel per group, GroupNorm removes every channel's mean
+    # over the image, and a decoder that ends on such a norm can hardly set an image's colour (on CIFAR-10 the
+    # channels-16 tokenizer's reconstructions lost most of their saturation; README, "CIFAR-10").
     groups = 32
-    while channels % groups:
+    while channels % groups or (groups > 1 and channels // groups < min_group_channels):
         groups //= 2
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, min_group_channels: int):
         super().__init__()
-        self.norm1, self.conv1 = norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm1, self.conv1 = norm(c_in, min_group_channels), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = norm(c_out, min_group_channels), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
@@ -40,9 +43,9 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Single-head self-attention over all positions of a feature map, with a residual connection."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, min_group_channels: int):
         super().__init__()
-        self.norm = norm(channels)
+        self.norm = norm(channels, min_group_channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
@@ -77,10 +80,12 @@ class Level(nn.Module):
     """One resolution level: ResBlocks, each followed by self-attention where enabled. The encoder gives it a
     ``downsample`` and the decoder an ``upsample`` afterwards, except at the ends of the pyramid."""
 
-    def __init__(self, c_in: int, c_out: int, blocks: int, attention: bool):
+    def __init__(self, c_in: int, c_out: int, blocks: int, attention: bool, min_group_channels: int):
         super().__init__()
-        self.block = nn.ModuleList(ResBlock(c_in if i == 0 else c_out, c_out) for i in range(blocks))
-        self.attn = nn.ModuleList(Attention(c_out) for _ in range(blocks if attention else 0))
+        self.block = nn.ModuleList(
+            ResBlock(c_in if i == 0 else c_out, c_out, min_group_channels) for i in range(blocks)
+        )
+        self.attn = nn.ModuleList(Attention(c_out, min_group_channels) for _ in range(blocks if attention else 0))
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.block):
@@ -91,11 +96,11 @@ class Level(nn.Module):
 
 
 class Middle(nn.Module):
-    def __init__(self, channels: int, attention: bool):
+    def __init__(self, channels: int, attention: bool, min_group_channels: int):
         super().__init__()
-        self.block_1 = ResBlock(channels, channels)
-        self.attn_1 = Attention(channels) if attention else nn.Identity()
-        self.block_2 = ResBlock(channels, channels)
+        self.block_1 = ResBlock(channels, channels, min_group_channels)
+        self.attn_1 = Attention(channels, min_group_channels) if attention else nn.Identity()
+        self.block_2 = ResBlock(channels, channels, min_group_channels)
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x_BChw)))
@@ -116,6 +121,7 @@ class Encoder(nn.Module):
         attention_levels: list[int],
         mid_attention: bool,
         latent_channels: int,
+        min_group_channels: int = 4,
     ):
         super().__init__()
         widths = [channels * m for m in multipliers]
@@ -124,12 +130,12 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         c = channels
         for level, width in enumerate(widths):
-            self.down.append(Level(c, width, res_blocks, attend[level]))
+            self.down.append(Level(c, width, res_blocks, attend[level], min_group_channels))
             c = width
             if level < len(widths) - 1:
                 self.down[level].downsample = Downsample(c)
-        self.mid = Middle(c, mid_attention)
-        self.norm_out = norm(c)
+        self.mid = Middle(c, mid_attention, min_group_channels)
+        self.norm_out = norm(c, min_group_channels)
         self.conv_out = nn.Conv2d(c, latent_channels, 3, padding=1)
 
     def forward(self, img_B3HW: torch.Tensor) -> torch.Tensor:
@@ -150,23 +156,24 @@ class Decoder(nn.Module):
         attention_levels: list[int],
         mid_attention: bool,
         latent_channels: int,
+        min_group_channels: int = 4,
     ):
         super().__init__()
         widths = [channels * m for m in multipliers]
         attend = attention_flags(len(widths), attention_levels)
         c = widths[-1]
         self.conv_in = nn.Conv2d(latent_channels, c, 3, padding=1)
-        self.mid = Middle(c, mid_attention)
+        self.mid = Middle(c, mid_attention, min_group_channels)
         # Indexed by level like the encoder (up[0] is full resolution) but run from the lowest level up. One more
         # block per level than the encoder, as in VQGAN: decoding is the harder direction.
         levels: list[Level] = [None] * len(widths)  # type: ignore[list-item]
         for level in reversed(range(len(widths))):
-            levels[level] = Level(c, widths[level], res_blocks + 1, attend[level])
+            levels[level] = Level(c, widths[level], res_blocks + 1, attend[level], min_group_channels)
             c = widths[level]
             if level > 0:
                 levels[level].upsample = Upsample(c)
         self.up = nn.ModuleList(levels)
-        self.norm_out = norm(c)
+        self.norm_out = norm(c, min_group_channels)
         self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
 
     @property
@@ -193,7 +200,9 @@ class PatchDiscriminator(nn.Module):
         for i in range(1, layers + 1):
             c_next = channels * min(2**i, 8)
             stride = 2 if i < layers else 1
-            blocks += [nn.Conv2d(c, c_next, 4, stride=stride, padding=1, bias=False), norm(c_next), nn.LeakyReLU(0.2)]
+            # The critic keeps the grouping it was measured with (two channels a group at its defaults' narrowest).
+            conv = nn.Conv2d(c, c_next, 4, stride=stride, padding=1, bias=False)
+            blocks += [conv, norm(c_next, min_group_channels=1), nn.LeakyReLU(0.2)]
             c = c_next
         blocks.append(nn.Conv2d(c, 1, 4, stride=1, padding=1))
         self.net = nn.Sequential(*blocks)

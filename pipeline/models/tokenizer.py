@@ -57,6 +57,13 @@ class TokenizerModelConfig:
         "self-attention, in encoder and decoder (VAR / LDM f16: the lowest level only; []: none).",
     )
     mid_attention: bool = Field(True, description="Self-attention in the middle block, between its two ResBlocks.")
+    min_group_channels: int = Field(
+        4,
+        ge=1,
+        description="GroupNorm: up to 32 groups (VQGAN's, VAR's), at least this many channels each. 1 normalises a "
+        "narrow network's layers channel by channel, which cost the CIFAR-10 tokenizer its colour (README); "
+        "tokenizers saved before this key existed load with 1.",
+    )
     quant_conv: bool = Field(
         True, description="3×3 convolutions (C → C) after the encoder and before the decoder, as in VAR's VQVAE."
     )
@@ -277,6 +284,7 @@ class Tokenizer(nn.Module):
             cfg.attention_levels,
             cfg.mid_attention,
             cfg.latent_channels,
+            cfg.min_group_channels,
         )
         self.encoder, self.decoder = Encoder(*args), Decoder(*args)
         C = cfg.latent_channels
@@ -476,6 +484,8 @@ def save_tokenizer(stem: str | Path, model: Tokenizer, resolution: int) -> None:
 def load_tokenizer(stem: str | Path, device: torch.device | str = "cpu") -> tuple[Tokenizer, dict]:
     """The tokenizer saved at ``stem`` (in eval mode) and its config."""
     config = load_config(stem)
+    # Saved before min_group_channels existed: those networks normalised with the old rule, which 1 reproduces.
+    config["model"].setdefault("min_group_channels", 1)
     model = Tokenizer(TokenizerModelConfig(**config["model"]), config["order"], config.get("quantize", "vq"))
     model.load_state_dict(load_state(stem, device))
     return model.to(device).eval(), config

@@ -150,6 +150,7 @@ def vae_config(state: dict[str, torch.Tensor], path: Path, scales: list[int]) ->
         detail_depth=1,
         phi_convs=phi_convs,
         phi_ratio=0.5,  # VAR's quant_resi: a constructor argument, not stored; 0.5 in every released model
+        min_group_channels=1,  # VAR's GroupNorm has 32 groups at every width (halved only where 32 does not divide)
     )
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from pipeline import atomic
 from pipeline.config import Field, InvalidInput, section
-from pipeline.models.convnets import PatchDiscriminator
+from pipeline.models.convnets import PatchDiscriminator, norm
 from pipeline.models.tokenizer import Tokenizer, TokenizerModelConfig, save_tokenizer
 from pipeline.progress import Progress
 from pipeline.training.train import Phase, TrainConfig, adamw, decay_groups
@@ -135,9 +135,17 @@ def init_tokenizer_from(model: Tokenizer, stem: str | Path) -> list[str]:
     from pipeline.config import ConfigError
     from pipeline.models.weights import load_init_source
 
-    _, state = load_init_source(stem, "tokenizer.init_from")
+    config, state = load_init_source(stem, "tokenizer.init_from")
     ours = model.state_dict()
+    # GroupNorm's grouping leaves no trace in the tensors' shapes: compare it from the configs.
+    source_min = config.get("model", {}).get("min_group_channels", 1)  # saved before the key: the old rule
     problems = [
+        f"{stem}: {name} normalises {m.num_channels} channels in {norm(m.num_channels, source_min).num_groups} "
+        f"groups, tokenizer.model in {m.num_groups}: set tokenizer.model.min_group_channels to {source_min}"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.GroupNorm) and norm(m.num_channels, source_min).num_groups != m.num_groups
+    ][:1]
+    problems += [
         f"{stem}: key {k!r} has shape {tuple(state[k].shape)}, tokenizer.model needs {tuple(v.shape)}"
         for k, v in ours.items()
         if k in state and state[k].shape != v.shape
