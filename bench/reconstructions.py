@@ -70,7 +70,7 @@ def measure(run: Path, count: int) -> dict:
     }
 
 
-def figure(path: Path, results: list[dict], columns: int = 16, zoom: int = 3) -> None:
+def figure(path: Path, results: list[dict], columns: int = 16, zoom: int = 2) -> None:
     """The val images on the first row, each run's reconstructions below, in --run order."""
     rows = [results[0]["images"][:columns]] + [r["reconstructions"][:columns] for r in results]
     grid_3HW = torch.cat([torch.cat(list(row), dim=2) for row in rows], dim=1)
