@@ -395,7 +395,7 @@ def test_init_from_a_tokenizer_with_other_norm_groups_exits_2_naming_min_group_c
     params = load_params(workspace / "params.yaml")
     old = TokenizerModelConfig(**{**params.tokenizer.model.__dict__, "min_group_channels": 1})
     save_tokenizer(workspace / "start", make(0, old), 16)
-    write_params(workspace, {"tokenizer": {"init_from": "start"}})
+    write_params(workspace, {"tokenizer": {"init_from": "start", "model": {"min_group_channels": 4}}})
     result = CliRunner().invoke(app, ["train-tokenizer"])
     assert result.exit_code == 2, result.output
     assert "set tokenizer.model.min_group_channels to 1" in " ".join(result.output.split())

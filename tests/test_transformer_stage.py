@@ -36,6 +36,9 @@ def test_stage_trains_saves_weights_and_val_loss_falls(tokens):
     metrics = json.loads(Path("metrics/transformer.json").read_text())
     assert metrics["val_loss"] < metrics["val_loss_untrained"]
     assert set(metrics["val_loss_per_map"]) == set(metrics["val_loss_per_map_untrained"])
+    # With the null class in place of the true one: what the class is worth to the model.
+    assert set(metrics["val_loss_per_map_unconditional"]) == set(metrics["val_loss_per_map"])
+    assert metrics["val_loss_unconditional"] != metrics["val_loss"]
     assert len(metrics["val_loss_per_map"]) == load_transformer("models/transformer/transformer")[0].layout.num_maps
     assert sorted(p.suffix for p in Path("models/transformer").iterdir()) == [".json", ".safetensors"]
     logged = Path("metrics/train_transformer/metrics.json").read_text()
@@ -175,3 +178,23 @@ def test_coarse_to_fine_with_self_correction_trains_saves_its_clusters_and_sampl
     write_params(tokens, {"transformer": {"coarse": {"clusters": 100000}}})
     result = runner.invoke(app, ["train-transformer"])
     assert result.exit_code == 2 and "transformer.coarse.clusters = 100000" in " ".join(result.output.split())
+
+
+def test_unconditional_evaluation_feeds_the_null_class_to_every_sample(tokens):
+    from pipeline.data import shards
+    from pipeline.data.decomposed import split_shards
+    from pipeline.data.tokens import decode_token_sample
+    from pipeline.training.transformer_training import evaluate_transformer
+
+    assert runner.invoke(app, ["train-transformer"]).exit_code == 0
+    tokenizer, _ = load_tokenizer("models/tokenizer/tokenizer")
+    model, _ = load_transformer("models/transformer/transformer")
+    samples = [decode_token_sample(raw) for raw in shards.read_samples(split_shards(tokens / "data/tokens/val"))]
+    idx_BL = torch.stack([idx_L for idx_L, _ in samples])
+    label_B = torch.tensor([label for _, label in samples])
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    conditional = evaluate_transformer(model, tokenizer, iter([(idx_BL, label_B)]))
+    null = evaluate_transformer(model, tokenizer, iter([(idx_BL, label_B)]), unconditional=True)
+    assert torch.equal(seen[0], label_B) and bool((seen[1] == model.num_classes).all())
+    assert null["loss"] != conditional["loss"]

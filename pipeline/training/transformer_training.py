@@ -239,8 +239,11 @@ def token_losses(
 
 
 @torch.no_grad()
-def evaluate_transformer(model: CART, tokenizer: Tokenizer, batches: Iterator) -> dict[str, float]:
-    """Teacher-forced val loss and token accuracy, overall and per map, with the true labels (no dropout).
+def evaluate_transformer(
+    model: CART, tokenizer: Tokenizer, batches: Iterator, unconditional: bool = False
+) -> dict[str, float]:
+    """Teacher-forced val loss and token accuracy, overall and per map, with the true labels (no dropout), or with
+    ``unconditional`` the null class that classifier-free guidance samples with.
 
     The diffusion loss draws noise levels and noise: from a fixed seed, so that every evaluation of the same
     weights gives the same number (the training stream is left where it was)."""
@@ -255,6 +258,8 @@ def evaluate_transformer(model: CART, tokenizer: Tokenizer, batches: Iterator) -
         torch.manual_seed(0)
         for idx_BL, label_B in batches:
             idx_BL, label_B = idx_BL.to(device), label_B.to(device)
+            if unconditional:
+                label_B = torch.full_like(label_B, model.num_classes)
             loss_BL, correct_BL, parts = token_losses(model, model, label_B, task.inputs(idx_BL), idx_BL)
             batch = {"loss": loss_BL.mean().item()}
             if correct_BL is not None:
@@ -446,12 +451,16 @@ def train_transformer(
         for suffix in (".safetensors", ".json"):
             ema_stem(paths.model).with_suffix(suffix).unlink(missing_ok=True)
     names = map_names(model.layout)
+    # What the class is worth to the model: the val loss without it, minus with it, is what guidance can amplify.
+    null = evaluate_transformer(model, tokenizer, iter(val_loader.epoch(0)), unconditional=True)
     result = {
         "val_loss": after["val/loss"],
         "val_acc": after.get("val/acc"),
         "val_loss_untrained": before["loss"],
         "val_loss_per_map": {n: after[f"val/loss_{n}"] for n in names},
         "val_loss_per_map_untrained": {n: before[f"loss_{n}"] for n in names},
+        "val_loss_unconditional": null["loss"],
+        "val_loss_per_map_unconditional": {n: null[f"loss_{n}"] for n in names},
         "val_acc_per_map": {n: after.get(f"val/acc_{n}") for n in names},
         **(
             {"val_loss_ema": evaluate_transformer(task.ema, tokenizer, iter(val_loader.epoch(0)))["loss"]}
