@@ -56,7 +56,7 @@ def measure(run: Path, count: int) -> dict:
     indices = tokenizer.tokenize(image_B3HW, bases_BK3HW)
     prefixes = []
     for k in range(1, len(indices) + 1):
-        decoded = tokenizer.decode(tokenizer.compose(indices, k)).clamp(0, 1)
+        decoded = tokenizer.decode(tokenizer.compose(indices, k)).clamp(0, 1)  # k = all maps: the reconstruction
         prefixes.append((k, psnr(decoded, image_B3HW), saturation(decoded)))
     autoencoded = tokenizer.decode(tokenizer.encode(image_B3HW)).clamp(0, 1)
     return {
@@ -64,7 +64,7 @@ def measure(run: Path, count: int) -> dict:
         "min_group_channels": config["model"].get("min_group_channels", 1),
         "order": config["order"],
         "images": image_B3HW,
-        "reconstructions": tokenizer.reconstruct(indices),
+        "reconstructions": decoded,
         "prefixes": prefixes,
         "autoencoder": (psnr(autoencoded, image_B3HW), saturation(autoencoded)),
     }
