@@ -2,6 +2,7 @@
 
     python bench/transformer.py --config var-reference --device cpu --steps 10
     python bench/transformer.py --config d16-256 --device cuda --steps 20
+    python bench/transformer.py --config demo --params params/cifar10.yaml --threads 1 --compile
 
 Training step: forward, cross-entropy over every token, backward and a fused AdamW step (--precision: auto is
 bf16 autocast where bf16 is native, on CUDA and on CPUs with AVX512-BF16 or AMX, else fp32, as in the training
@@ -58,7 +59,7 @@ class Setup:
     sampling: SamplingConfig
 
 
-def setups(config: str, device: torch.device) -> list[Setup]:
+def setups(config: str, device: torch.device, params: Path) -> list[Setup]:
     if config == "var-reference":
         var = TransformerModelConfig(depth=4)
         return [Setup("var-reference", var, [1, 2, 3, 4], 0, 1, 8, 8, 4096, 32, 1000, VAR_SAMPLING)]
@@ -69,7 +70,7 @@ def setups(config: str, device: torch.device) -> list[Setup]:
             Setup(f"d16-256 order {order}", d16, VAR_256_SCALES, order, 1, batch, 64, 4096, 32, 1000, VAR_SAMPLING)
             for order in (0, 3)
         ]
-    return [demo_setup(Path("params.yaml"))]
+    return [demo_setup(params)]
 
 
 def demo_setup(path: Path) -> Setup:
@@ -284,6 +285,9 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=120.0, help="Seconds a measurement may take at most.")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model for training steps.")
     parser.add_argument(
+        "--params", type=Path, default=Path("params.yaml"), help="--config demo: the params file whose model to time."
+    )
+    parser.add_argument(
         "--precision", choices=["auto", "fp32", "bf16"], default="auto", help="Autocast: auto is bf16 where native."
     )
     args = parser.parse_args()
@@ -300,7 +304,7 @@ def main() -> None:
     print("| config | measurement | device | batch | ms | images/s | tokens/s | MFU | notes |")
     print("|---|---|---|---|---|---|---|---|---|")
     runner = Runner(device, args.steps, args.warmup, args.budget)
-    for setup in setups(args.config, device):
+    for setup in setups(args.config, device, args.params):
         print(bench_training(setup, runner, args.precision, args.compile), flush=True)
         print(bench_sampling(setup, runner, args.precision), flush=True)
 
