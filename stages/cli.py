@@ -13,6 +13,7 @@ from stages import (
     experiments,
     extract_tokens,
     plan,
+    prepare_cifar10,
     sample,
     sample_fid,
     shard,
@@ -32,6 +33,7 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 
+app.command("prepare-cifar10")(prepare_cifar10.command)
 app.command("shard")(shard.command)
 app.command("decompose")(decompose.command)
 app.command("train-tokenizer")(train_tokenizer.command)

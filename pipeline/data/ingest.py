@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import multiprocessing
 from collections import Counter
@@ -100,6 +101,8 @@ def build_shards(cfg: DataConfig, out_dir: str | Path, progress: Progress | None
     The previous ``out_dir`` is replaced only once everything is written. Unreadable or unsuitable images are
     skipped and listed in the manifest; a source with nothing usable raises ``SourceError``.
     """
+    if cfg.source == "cifar10":
+        cfg = _with_cifar10(cfg, Path(out_dir), progress or Silent())
     if cfg.source == "demo":
         classes, items = demo_items(cfg)
         skipped_unread: list[Skipped] = []
@@ -154,6 +157,15 @@ def build_shards(cfg: DataConfig, out_dir: str | Path, progress: Progress | None
         }
         atomic.write_json(tmp / "manifest.json", manifest)
     return manifest
+
+
+def _with_cifar10(cfg: DataConfig, out_dir: Path, progress: Progress) -> DataConfig:
+    """``cfg`` reading the train tree of CIFAR-10, unpacked (once per archive) to ``cifar10/`` beside the shards."""
+    from pipeline.data import cifar10
+
+    tree = out_dir.parent / "cifar10"
+    cifar10.ensure(cfg.archive, tree, out_dir.parent / "downloads", progress)
+    return dataclasses.replace(cfg, source=str(tree / "train"))
 
 
 def _every_class_has_train_images(cfg: DataConfig, classes: list[str], train: Counter, skipped: list[dict]) -> None:

@@ -45,8 +45,16 @@ class DataConfig:
     source: str = Field(
         "demo",
         min_length=1,
-        description="'demo' (offline crops of scikit-image's photographs, class = photograph) or the path of an "
-        "ImageFolder tree: one sub-folder per class, class index by sorted folder name.",
+        description="'demo' (offline crops of scikit-image's photographs, class = photograph), 'cifar10' (CIFAR-10's "
+        "training split, from `archive` or downloaded; docs/cifar10.md) or the path of an ImageFolder tree: one "
+        "sub-folder per class, class index by sorted folder name.",
+    )
+    archive: str | None = Field(
+        None,
+        min_length=1,
+        description="source cifar10: the CIFAR-10 archive to read (cifar-10-binary.tar.gz, cifar-10-python.tar.gz or "
+        "an ImageFolder tar with train/<class>/<image>), unpacked once to cifar10/ beside the shards; null: "
+        "torchvision's downloader fetches cifar-10-python.tar.gz (MD5-checked) to downloads/ beside them.",
     )
     val_source: str | None = Field(
         None,
