@@ -1,6 +1,7 @@
 """The README's comparison tables, row by row: dvc.yaml's stages run once per distinct input, many at a time.
 
-    python bench/tables.py --table cifar10 --root /tmp/tables --jobs 8 --out bench/tables-cifar10.json
+    python bench/tables.py --table cifar10 --root /tmp/tables --jobs 8 --out bench/tables-cifar10.json \
+        --set data.archive=/path/to/cifar-10-binary.tar.gz      # or leave it out: the shard stage downloads
     python bench/tables.py --table demo --root /tmp/tables-demo --jobs 1 --only o0 o0-ctf
     python bench/tables.py --report bench/tables-cifar10.json          # the markdown tables of a finished run
 

@@ -200,7 +200,7 @@ def reference_sample(model: CART, tokenizer: Tokenizer, label_B, cfg: SamplingCo
         ]
         x_BlC = torch.cat(inputs, dim=1) if inputs else torch.zeros(B, 0, SMALL.latent_channels)
         z_BLC = model(labels, x_BlC.repeat(2, 1, 1) if guided else x_BlC)[:, layout.offsets[m] :]
-        w = guidance_weight(cfg, m, layout.num_maps) if guided else None
+        w = guidance_weight(cfg, m, layout) if guided else None
         x_NC = model.diffusion.sample(z_BLC.flatten(0, 1), cfg.diffusion_steps, cfg.temperature, generator, w)
         z_BlC = x_NC.view(B, -1, SMALL.latent_channels) * model.token_rms_M[m]
         maps.append(z_BlC.transpose(1, 2).unflatten(2, (token_map.side, token_map.side)))

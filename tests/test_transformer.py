@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.models.coarse import codebook_clusters
-from pipeline.models.tokenizer import Tokenizer, TokenizerModelConfig
+from pipeline.models.tokenizer import Tokenizer, TokenizerModelConfig, TokenLayout
 from pipeline.models.transformer import (
     CART,
     SamplingConfig,
@@ -170,7 +170,7 @@ def reference_sample(model: CART, tokenizer: Tokenizer, label_B, cfg: SamplingCo
         x_BlC = torch.cat(inputs, dim=1) if inputs else torch.zeros(B, 0, TOKENIZER.latent_channels)
         x_BlC = x_BlC.repeat(2, 1, 1) if guided else x_BlC
         w, start, end = (
-            guidance_weight(cfg, m, layout.num_maps) if guided else None,
+            guidance_weight(cfg, m, layout) if guided else None,
             layout.offsets[m],
             layout.offsets[m + 1],
         )
@@ -264,10 +264,29 @@ def test_draws_follow_the_softmax_and_never_pick_an_impossible_code():
     assert frequencies[2] == 0
 
 
-def test_guidance_ramps_linearly_from_none_at_map_0_to_full_at_the_last_map():
+def _weights(cfg: SamplingConfig, layout: TokenLayout) -> list[float]:
+    return [guidance_weight(cfg, m, layout) for m in range(layout.num_maps)]
+
+
+def test_guidance_ramps_over_vars_scales_and_holds_w_on_the_appended_detail_maps():
     cfg = SamplingConfig(guidance=3.0)
-    assert [guidance_weight(cfg, m, 5) for m in range(5)] == [1.0, 1.5, 2.0, 2.5, 3.0]
-    assert guidance_weight(dataclasses.replace(cfg, guidance_schedule="constant"), 0, 5) == 3.0
+    scales = [1, 2, 3, 4, 8]
+    # Order 0 is VAR: the ramp from 1 at the first scale to w at the last.
+    assert _weights(cfg, TokenLayout(scales, 0, 1)) == [1.0, 1.5, 2.0, 2.5, 3.0]
+    # Order 3, appended: the base maps get exactly VAR's weights, each detail map the final w.
+    assert _weights(cfg, TokenLayout(scales, 3, 1)) == [1.0, 1.5, 2.0, 2.5, 3.0, 3.0, 3.0, 3.0]
+    assert _weights(cfg, TokenLayout(scales, 2, 2)) == [1.0, 1.5, 2.0, 2.5] + [3.0] * 5
+    # Replaced: the details stand in VAR's last scales' places and get VAR's weights there.
+    assert _weights(cfg, TokenLayout(scales, 2, 1, "replace")) == [1.0, 1.5, 2.0, 2.5, 3.0]
+    # One base map (Table 3's single-base row): full guidance throughout, as VAR with one scale.
+    assert _weights(cfg, TokenLayout([8], 3, 1)) == [3.0] * 4
+    # The earlier schedule, kept to reproduce older rows: the ramp over every map, which guided order 3's full-
+    # latent base map with 2.0 where VAR's got 3.0.
+    before = dataclasses.replace(cfg, guidance_schedule="linear_all_maps")
+    assert _weights(before, TokenLayout(scales, 0, 1)) == _weights(cfg, TokenLayout(scales, 0, 1))
+    assert _weights(before, TokenLayout([1, 2, 3, 4, 8], 4, 1))[4] == 2.0
+    constant = dataclasses.replace(cfg, guidance_schedule="constant")
+    assert _weights(constant, TokenLayout(scales, 3, 1)) == [3.0] * 8
 
 
 def test_save_then_load_gives_identical_logits(tmp_path):
@@ -354,7 +373,7 @@ def test_var_fid_preset_is_vars_recipe():
     assert (preset.guidance, preset.top_k, preset.top_p, preset.guidance_schedule) == (2.5, 900, 0.96, "linear")
     assert SamplingConfig(top_k=3).resolved().top_k == 3
     # VAR's logits (1 + t)·cond − t·uncond with t = 1.5·m/(M − 1) are ours with w = 1 + t.
-    assert [guidance_weight(preset, m, 4) for m in range(4)] == [1.0, 1.5, 2.0, 2.5]
+    assert _weights(preset, TokenLayout([1, 2, 3, 4], 0, 1)) == [1.0, 1.5, 2.0, 2.5]
 
 
 def test_init_from_copies_what_fits_and_the_embeddings_of_the_shared_maps(tmp_path):

@@ -152,6 +152,12 @@ class TokenLayout:
     def num_tokens(self) -> int:
         return self.offsets[-1]
 
+    @property
+    def num_scales(self) -> int:
+        """The length of the VAR scale schedule these maps follow: appended, the base maps (the details come after
+        VAR's last scale); replaced, every map (the details take the last scales' places)."""
+        return self.num_base if self.mode == "append" else self.num_maps
+
     def component_ends(self) -> list[int]:
         """Map counts after which a prefix is complete: base (≈ B_n), then + D_n (≈ B_{n−1}), …, all (≈ I)."""
         return [self.num_base + k * self.detail_depth for k in range(self.order + 1)]

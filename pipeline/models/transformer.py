@@ -104,8 +104,13 @@ class SamplingConfig:
         description="Classifier-free guidance weight w: logits = uncond + w·(cond − uncond); 1 = no guidance. "
         "VAR's cfg = c is w = 1 + c.",
     )
-    guidance_schedule: Literal["linear", "constant"] = Field(
-        "linear", description="linear: the weight ramps from 1 at map 0 to w at the last map (VAR); constant: w."
+    guidance_schedule: Literal["linear", "linear_all_maps", "constant"] = Field(
+        "linear",
+        description="linear: VAR's ramp over VAR's scale schedule, from 1 at the first scale to w at the last; every "
+        "map gets the weight VAR gives the map in its place, so detail maps appended after the last scale get w "
+        "(order 0: exactly VAR's). linear_all_maps: the ramp over every map, details included, which guides an "
+        "appended layout's base maps less than VAR's at the same w (this project's schedule before 2026-12-07). "
+        "constant: w on every map.",
     )
     top_k: int = Field(0, ge=0, description="Sample among the k likeliest codes (0: all).")
     top_p: float = Field(0.0, ge=0, le=1, description="Nucleus sampling: the likeliest codes covering p (0 or 1: off).")
@@ -442,11 +447,17 @@ def teacher_forcing_inputs(model: CART, tokenizer: Tokenizer, indices: list[torc
     return tokenizer.codebook.weight.detach()[idx_BL[:, :-1]]
 
 
-def guidance_weight(cfg: SamplingConfig, map_index: int, num_maps: int) -> float:
-    """w at map m: ramping linearly from 1 (map 0) to cfg.guidance (last map), as VAR's t = cfg·m/(M−1)."""
+def guidance_weight(cfg: SamplingConfig, map_index: int, layout: TokenLayout) -> float:
+    """w at map m. linear: VAR's t = cfg·m/(S−1) over its S scales, held at w after them (appended details).
+
+    Why not the ramp over all M maps: appended, CART's base maps are VAR's maps, but a ramp over M > S maps gives
+    them less guidance than VAR gives the same maps at the same w (the full-latent base map m = S−1 would get
+    1 + (w−1)(S−1)/(M−1)), so the two orders would be compared at different effective guidance.
+    """
     if cfg.guidance_schedule == "constant":
         return cfg.guidance
-    ratio = map_index / (num_maps - 1) if num_maps > 1 else 1.0
+    ramp = layout.num_maps if cfg.guidance_schedule == "linear_all_maps" else layout.num_scales
+    ratio = min(map_index / (ramp - 1), 1.0) if ramp > 1 else 1.0
     return 1 + (cfg.guidance - 1) * ratio
 
 
@@ -536,7 +547,7 @@ def generate(
         if m < len(prefix):
             idx_Bhw = prefix[m]
         elif model.diffusion is None:
-            weight = guidance_weight(cfg, m, layout.num_maps) if guided else None
+            weight = guidance_weight(cfg, m, layout) if guided else None
             idx_Bhw = draw_codes(model, h_BlC, weight, cfg, generator).view(B, token_map.side, token_map.side)
         else:
             z_BlC = sample_continuous(model, h_BlC, m, cfg, generator, guided)
@@ -561,7 +572,7 @@ def sample_continuous(
     """Map m's continuous tokens z_BlC, each drawn by the diffusion head from its z (guided: the conditional rows
     of ``h_BlC``, then the unconditional ones, whose predictions are combined with map m's guidance weight)."""
     rows, l, _ = h_BlC.shape
-    w = guidance_weight(cfg, map_index, model.layout.num_maps) if guided else None
+    w = guidance_weight(cfg, map_index, model.layout) if guided else None
     x_NC = model.diffusion.sample(h_BlC.flatten(0, 1), cfg.diffusion_steps, cfg.temperature, generator, w)
     return x_NC.view(rows // 2 if guided else rows, l, -1) * model.token_rms_M[map_index].clamp_min(1e-6)
 
@@ -592,7 +603,7 @@ def _generate_tokens(
     drawn: list[torch.Tensor] = []
     for i in range(layout.num_tokens):
         h_B1C = model.trunk(x_B1C, mod_B1KC, None, caches)
-        weight = guidance_weight(cfg, map_of_token[i], layout.num_maps) if guided else None
+        weight = guidance_weight(cfg, map_of_token[i], layout) if guided else None
         drawn.append(draw_codes(model, h_B1C, weight, cfg, generator))
         if i + 1 == layout.num_tokens:
             break
