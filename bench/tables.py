@@ -18,7 +18,15 @@ fill one GPU, stages already finished are not run again (rerunning the command a
 resumes from its own checkpoints), and no new stage starts after ``--deadline`` seconds.
 
 The results file holds, per row, its params, every metrics file its stages wrote, and each stage's wall time; it is
-rewritten as each stage finishes, so a run stopped from outside keeps what was finished.
+rewritten as each stage finishes, so a run stopped from outside keeps what was finished. Every row is reported
+with its cost beside its quality: the transformer's training FLOPs (model FLOPs, 3 × forward, times the images it
+was trained on) and the wall time of the stages that train the row (decompose, tokenizer, tokens, transformer;
+stages run side by side share the machine, so compare wall times of one run at --jobs 1).
+
+A table with a `guidance` key (``{common: w, sweep: [w, …]}``) evaluates each of its rows at every weight of the
+sweep (rows ``<row>@w<w>``, which share everything but the evaluate stage, and the same sampling seed), and its
+report gives each setting at the common weight and at its own best weight of the sweep, as papers report their
+rows.
 """
 
 from __future__ import annotations
@@ -262,6 +270,42 @@ def _row_point(name: str, result: dict[str, Any]) -> dict[str, Any]:
     return point
 
 
+TRAINING_STAGES = ("decompose", "train_tokenizer", "extract_tokens", "train_transformer")
+
+
+def row_cost(result: dict[str, Any]) -> dict[str, float]:
+    """A run's training cost: the transformer's training FLOPs (per image × the images of its steps) and the wall
+    seconds of the stages that train the row (the shard and the reference classifier are every row's)."""
+    train = result["params"]["transformer"]["train"]
+    images = train["steps"] * train["batch_size"] * train.get("grad_accumulation", 1)
+    per_image = result["metrics"].get("metrics/transformer.json", {}).get("train_flops_per_image", math.nan)
+    seconds = [result["seconds"].get(stage) for stage in TRAINING_STAGES]
+    wall = sum(seconds) if all(isinstance(t, int | float) for t in seconds) else math.nan
+    return {"train_flops": per_image * images, "train_seconds": wall}
+
+
+def _mean_std(row: dict, key: str, values: list[float]) -> None:
+    row[key] = statistics.fmean(values)
+    row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def settings(finished: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The finished runs grouped by setting (seeds averaged) as ``group_runs`` rows, with the untrained floor and
+    the training cost (mean and sample std over the seeds) added."""
+    points_in = [_row_point(n, r) for n, r in finished.items()]
+    names = sorted({k for p in points_in for k in flatten(finished[p["Experiment"]]["params"])})
+    points = experiment_points(points_in, names, lambda p: flatten(finished[p["Experiment"]]["params"]))
+    rows = group_runs(points)
+    for row in rows:
+        # The untrained transformer's FID: a trained model that does not beat it has not learnt to generate.
+        evals = [finished[n]["metrics"]["metrics/eval.json"] for n in row["names"]]
+        _mean_std(row, "floor", [e.get("untrained_fid_ref", math.nan) for e in evals])
+        costs = [row_cost(finished[n]) for n in row["names"]]
+        for key in ("train_flops", "train_seconds"):
+            _mean_std(row, key, [c[key] for c in costs])
+    return rows
+
+
 def _cell(row: dict, key: str, digits: int) -> str:
     if not math.isfinite(row[key]):
         return "–"
@@ -272,27 +316,34 @@ def _short(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+def _label(row: dict[str, Any], names: list[str]) -> str:
+    label = ", ".join([f"order {row['order']}"] + [f"{k}={_short(v)}" for k, v in row["differs"].items()])
+    return f"{label} ({', '.join(names)})"
+
+
+def _cost_cells(row: dict[str, Any]) -> str:
+    minutes = {"train_seconds": row["train_seconds"] / 60, "train_seconds_std": row["train_seconds_std"] / 60}
+    return (
+        f"| {row['train_flops_per_image'] / 1e9:.2f} | {row['train_flops'] / 1e15:.3f} "
+        f"| {_cell(minutes | {'runs': row['runs']}, 'train_seconds', 1)} "
+    )
+
+
 def markdown(table_rows: dict[str, dict[str, Any]], group: list[str]) -> str:
     """One line per setting (seeds averaged, mean ± sample std), labelled by what sets it apart."""
     finished = {name: table_rows[name] for name in group if table_rows.get(name, {}).get("finished")}
     if not finished:
         return "(no finished row)\n"
-    points_in = [_row_point(n, r) for n, r in finished.items()]
-    names = sorted({k for p in points_in for k in flatten(finished[p["Experiment"]]["params"])})
-    points = experiment_points(points_in, names, lambda p: flatten(finished[p["Experiment"]]["params"]))
     lines = [
-        "| setting | runs | tokens | maps | transformer params | train GFLOP/image | FID_ref ↓ | ceiling FID_ref "
-        "| untrained floor | class consistency ↑ | precision | recall | sampling images/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| setting | runs | tokens | maps | transformer params | train GFLOP/image | transformer train PFLOP "
+        "| train wall min | FID_ref ↓ | ceiling FID_ref | untrained floor | class consistency ↑ | precision | recall "
+        "| sampling images/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in group_runs(points):
-        label = ", ".join([f"order {row['order']}"] + [f"{k}={_short(v)}" for k, v in row["differs"].items()])
-        # The untrained transformer's FID: a trained model that does not beat it has not learnt to generate.
-        floors = [finished[n]["metrics"]["metrics/eval.json"].get("untrained_fid_ref", math.nan) for n in row["names"]]
-        row["floor"], row["floor_std"] = statistics.fmean(floors), statistics.stdev(floors) if len(floors) > 1 else 0
+    for row in settings(finished):
         lines.append(
-            f"| {label} ({', '.join(row['names'])}) | {row['runs']} | {row['tokens']:.0f} | {row['maps']:.0f} "
-            f"| {row['parameters'] / 1e6:.2f} M | {row['train_flops_per_image'] / 1e9:.2f} "
+            f"| {_label(row, row['names'])} | {row['runs']} | {row['tokens']:.0f} | {row['maps']:.0f} "
+            f"| {row['parameters'] / 1e6:.2f} M {_cost_cells(row)}"
             f"| {_cell(row, 'fid_ref', 2)} | {_cell(row, 'reconstruction_fid_ref', 2)} | {_cell(row, 'floor', 2)} "
             f"| {_cell(row, 'class_consistency_ref', 3)} | {_cell(row, 'precision_ref', 3)} "
             f"| {_cell(row, 'recall_ref', 3)} | {_cell(row, 'sampling_images_per_s', 1)} |"
@@ -300,10 +351,76 @@ def markdown(table_rows: dict[str, dict[str, Any]], group: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Guidance sweeps
+
+
+GUIDANCE_KEY = "transformer.sampling.guidance"
+_FIXED_IN_SWEEPS = (GUIDANCE_KEY, "transformer.sampling.seed", "transformer.sampling.preset")
+
+
+def swept(name: str, weight: float) -> str:
+    return f"{name}@w{weight:g}"
+
+
+def expand_guidance(rows: dict[str, dict | None], guidance: dict[str, Any]) -> dict[str, dict]:
+    """Each row once per weight of the sweep, named ``<row>@w<w>``: the same row (so the same training stages) and
+    the same sampling seed, evaluated at that guidance weight."""
+    sweep, common = [float(w) for w in guidance["sweep"]], float(guidance["common"])
+    if common not in sweep:
+        raise ValueError(f"guidance: the common weight {common:g} is not in the sweep {sweep}")
+    out = {}
+    for name, overrides in rows.items():
+        fixed = sorted(set(overrides or {}) & set(_FIXED_IN_SWEEPS))
+        if fixed:
+            raise ValueError(f"row {name}: {', '.join(fixed)} is set by the table's guidance sweep for every row")
+        for weight in sweep:
+            out[swept(name, weight)] = dict(overrides or {}) | {GUIDANCE_KEY: weight}
+    return out
+
+
+def markdown_sweep(table_rows: dict[str, dict[str, Any]], group: list[str], guidance: dict[str, Any]) -> str:
+    """One line per setting: FID_ref at the common weight and at the setting's own best weight of the sweep (the
+    lowest mean over its seeds), with the cost beside them."""
+    common = float(guidance["common"])
+    by_weight: dict[float, dict[str, dict[str, Any]]] = {}
+    for weight in (float(w) for w in guidance["sweep"]):
+        finished = {
+            n: table_rows[swept(n, weight)] for n in group if table_rows.get(swept(n, weight), {}).get("finished")
+        }
+        by_weight[weight] = {_base_names(r): r for r in settings(finished)} if finished else {}
+    keys = list(dict.fromkeys(k for rows in by_weight.values() for k in rows))
+    if not keys:
+        return "(no finished row)\n"
+    lines = [
+        "| setting | runs | tokens | train GFLOP/image | transformer train PFLOP | train wall min "
+        f"| FID_ref at w={common:g} ↓ | best w | FID_ref at best w ↓ | ceiling FID_ref | untrained floor "
+        "| FID_ref at each w |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in keys:
+        at = {w: rows[key] for w, rows in by_weight.items() if key in rows}
+        best = min(at, key=lambda w: at[w]["fid_ref"] if math.isfinite(at[w]["fid_ref"]) else math.inf)
+        row = at[best]
+        each = ", ".join(f"{w:g}: {at[w]['fid_ref']:.2f}" for w in sorted(at))
+        lines.append(
+            f"| {_label(row, list(key))} | {row['runs']} | {row['tokens']:.0f} {_cost_cells(row)}"
+            f"| {_cell(at[common], 'fid_ref', 2) if common in at else '–'} | {best:g} | {_cell(row, 'fid_ref', 2)} "
+            f"| {_cell(row, 'reconstruction_fid_ref', 2)} | {_cell(row, 'floor', 2)} | {each} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _base_names(row: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(name.rsplit("@w", 1)[0] for name in row["names"])
+
+
 def report(saved: dict[str, Any]) -> str:
     text = []
+    guidance = saved.get("guidance")
     for title, group in saved["tables"].items():
-        text.append(f"### {title}\n\n{markdown(saved['rows'], group)}")
+        table = markdown_sweep(saved["rows"], group, guidance) if guidance else markdown(saved["rows"], group)
+        text.append(f"### {title}\n\n{table}")
     failed = {n: r["failed"] for n, r in saved["rows"].items() if r["failed"]}
     for name, stages in failed.items():
         for stage, tail in stages.items():
@@ -338,8 +455,10 @@ def main() -> None:
         key, value = item.split("=", 1)
         set_key(base, key, yaml.safe_load(value))
     rows = {}
-    for name, overrides in spec["rows"].items():
-        if args.only and name not in args.only:
+    row_overrides = spec["rows"] if "guidance" not in spec else expand_guidance(spec["rows"], spec["guidance"])
+    only = args.only and {n for n in row_overrides if n.rsplit("@w", 1)[0] in args.only or n in args.only}
+    for name, overrides in row_overrides.items():
+        if args.only and name not in only:
             continue
         params = copy.deepcopy(base)
         for key, value in (overrides or {}).items():
@@ -351,6 +470,8 @@ def main() -> None:
     def save() -> None:
         if args.out:
             saved = {"table": args.table, "set": args.set, "tables": spec["tables"]}
+            if "guidance" in spec:
+                saved["guidance"] = spec["guidance"]
             saved["rows"] = results(rows, row_jobs, args.root)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             tmp = args.out.with_suffix(".tmp")
