@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# CIFAR-10 on one GPU, deep not wide: VAR (order 0) and CART (order 3), one seed each, on a bare machine with one
+# H100 or H200, results under $OUT in at most LIMIT seconds (default 450: 8 minutes with start-up and report).
+#
+#   OUT=/path bash bench/gpu_cifar10.sh [ARCHIVE]      ARCHIVE: default shared/datasets/cifar10-train.tar.gz
+#   SMOKE=1 OUT=/tmp/smoke bash bench/gpu_cifar10.sh tiny.tar.gz     the CPU smoke size (tests/test_gpu_cifar10.py)
+#
+# The rows are bench/tables.yaml's table `cifar10-gpu` on params/cifar10.yaml, run by bench/tables.py (the stages of
+# dvc.yaml, several at a time; a rerun on the same ROOT resumes). Writes, as stages finish:
+#   $OUT/results.json   bench/tables.py's results file (params, metrics, wall time of every stage, per row)
+#   $OUT/tables.md      its report: quality (FID_ref, ceiling, untrained floor, …) beside FLOPs and wall time
+#   $OUT/logs/          each stage's log; $OUT/run.txt the run's own output
+# No stage starts after DEADLINE seconds; at LIMIT the run is stopped (stages resume from their checkpoints on a
+# rerun) and the report written from what finished.
+#
+# BUDGET: the GPU budget below is a first guess sized from the one H200 run's per-stage times (bench/RESULTS.md,
+# 2026-11-29), not yet measured alone on a GPU; override it with BUDGET="key=value …". The metric is the evaluate
+# stage's (FID_ref against the reference classifier). To switch to the field's Inception FID once the sample_fid
+# stage has Inception weights on the machine, add its keys to BUDGET and let bench/tables.py run it (its
+# SKIPPED_STAGES).
+set -euo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+ARCHIVE=${1:-${CIFAR10_ARCHIVE:-$REPO/shared/datasets/cifar10-train.tar.gz}}
+OUT=${OUT:?set OUT to the folder the results go to}
+ROOT=${ROOT:-/tmp/gpu-cifar10}
+PY=${PYTHON:-python}
+LIMIT=${LIMIT:-450}
+DEADLINE=${DEADLINE:-$((LIMIT - 90))}
+JOBS=${JOBS:-4}
+
+# The machine: 16 cores decode the images; one decomposition batch per 10 000-image shard (bench/RESULTS.md).
+MACHINE="data.workers=12 data.shard_size=10000 decompose.batch_size=10000"
+# The GPU budget (see above): a transformer of depth 8 (VAR's width 512) for 3000 steps of 128; the preset's
+# tokenizer and reference classifier.
+DEFAULT_BUDGET="transformer.model.depth=8 transformer.model.width=512 transformer.model.heads=8 \
+transformer.train.steps=3000 transformer.train.batch_size=128 transformer.train.lr=5.0e-4 \
+transformer.train.checkpoint_every=500 transformer.train.eval_every=0"
+if [[ -n "${SMOKE:-}" ]]; then
+  # Every stage runs, at a size the 2-core CPU finishes in about a minute: it checks the plumbing, not the numbers.
+  MACHINE="data.workers=1 data.shard_size=64 data.resolution=16 decompose.outer_iterations=4 decompose.batch_size=64"
+  DEFAULT_BUDGET="tokenizer.model.channels=8 tokenizer.model.channel_multipliers=[1,2] \
+tokenizer.model.latent_channels=8 tokenizer.model.codebook_size=64 tokenizer.model.scales=[1,2,4,8] \
+tokenizer.model.attention_levels=[] tokenizer.model.mid_attention=false tokenizer.train.steps=4 \
+tokenizer.train.batch_size=8 tokenizer.train.num_workers=0 tokenizer.train.eval_every=0 tokenizer.eval_images=8 \
+tokenizer.train.checkpoint_every=2 transformer.model.depth=1 transformer.model.width=32 transformer.model.heads=2 \
+transformer.train.steps=4 transformer.train.batch_size=8 transformer.train.num_workers=0 \
+transformer.train.eval_every=0 transformer.train.checkpoint_every=2 evaluator.model.channels=8 \
+evaluator.model.stages=2 evaluator.model.feature_dim=16 evaluator.train.steps=4 evaluator.train.batch_size=8 \
+evaluator.train.checkpoint_every=2 evaluator.train.num_workers=0 evaluate.samples_per_class=4 \
+evaluate.figure_per_class=1 tokens.batch_size=16"
+  DEADLINE=${DEADLINE_SMOKE:-$DEADLINE}
+fi
+BUDGET=${BUDGET:-$DEFAULT_BUDGET}
+
+mkdir -p "$OUT/logs" "$ROOT"
+[[ -f "$ARCHIVE" ]] || { echo "CIFAR-10 archive $ARCHIVE: no such file" >&2; exit 2; }
+set -f  # the settings are word lists on purpose, split on spaces but never globbed ([1,2] is a pattern)
+# shellcheck disable=SC2086
+set -- --table cifar10-gpu --root "$ROOT" --jobs "$JOBS" --deadline "$DEADLINE" --fail-fast \
+  --out "$OUT/results.json" --set "data.archive=$ARCHIVE" $MACHINE $BUDGET
+set +f
+{ echo "gpu_cifar10.sh $(date -u +%FT%TZ) on $(hostname)"; "$PY" -c 'import torch; print("torch", torch.__version__,
+  torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA: CPU")'; echo "bench/tables.py $*"; } \
+  | tee "$OUT/run.txt"
+
+# Its own process group, so that stopping it at LIMIT stops the stages it started too.
+setsid "$PY" "$REPO/bench/tables.py" "$@" >>"$OUT/run.txt" 2>&1 &
+runner=$!
+(
+  for ((second = 0; second < LIMIT; second++)); do
+    sleep 1
+    kill -0 "$runner" 2>/dev/null || exit 0
+  done
+  echo "stopped at LIMIT=$LIMIT s" >>"$OUT/run.txt"
+  kill -TERM -- "-$runner" 2>/dev/null || true
+) &
+watchdog=$!
+status=0
+wait "$runner" || status=$?
+wait "$watchdog" || true
+
+for log in "$ROOT"/*/log.txt; do
+  [[ -f "$log" ]] && cp "$log" "$OUT/logs/$(basename "$(dirname "$log")").txt"
+done
+if [[ -f "$OUT/results.json" ]]; then
+  "$PY" "$REPO/bench/tables.py" --report "$OUT/results.json" >"$OUT/tables.md"
+  cat "$OUT/tables.md"
+fi
+unfinished=$("$PY" -c 'import json, sys
+rows = json.load(open(sys.argv[1]))["rows"] if len(sys.argv) > 1 else {}
+print(" ".join(n for n, r in rows.items() if not r["finished"]) or "")' ${OUT:+"$OUT/results.json"} 2>/dev/null \
+  || echo "all (no results file)")
+echo "bench/tables.py exit status $status; unfinished rows: ${unfinished:-none}; results in $OUT" | tee -a "$OUT/run.txt"
+[[ $status -eq 0 && -z "$unfinished" ]]
