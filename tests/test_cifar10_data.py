@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import pickle
+import struct
 import tarfile
 from pathlib import Path
 
@@ -67,6 +68,48 @@ def python_archive(path: Path, batches=None, extra: dict[str, bytes] | None = No
     return _tar(path, members | (extra or {}))
 
 
+def _py2_str(data: bytes) -> bytes:
+    """A Python 2 ``str`` in a pickle (what CIFAR's own batches hold): SHORT_BINSTRING or BINSTRING."""
+    return b"U" + bytes([len(data)]) + data if len(data) < 256 else b"T" + struct.pack("<i", len(data)) + data
+
+
+def _py2_int(n: int) -> bytes:
+    return b"K" + bytes([n]) if 0 <= n < 256 else b"J" + struct.pack("<i", n)
+
+
+def _py2_pickle(value) -> bytes:
+    """``value`` (dicts, lists, ints, bytes, uint8 arrays) pickled at protocol 2 as Python 2 and numpy 1 wrote
+    CIFAR-10's batches: strings as BINSTRING, arrays through numpy.core.multiarray._reconstruct."""
+
+    def dump(v) -> bytes:
+        if isinstance(v, dict):
+            return b"}(" + b"".join(dump(k) + dump(x) for k, x in v.items()) + b"u"
+        if isinstance(v, list):
+            return b"](" + b"".join(dump(x) for x in v) + b"e"
+        if isinstance(v, int):
+            return _py2_int(v)
+        if isinstance(v, bytes):
+            return _py2_str(v)
+        assert isinstance(v, np.ndarray) and v.dtype == np.uint8
+        shape = b"(" + b"".join(_py2_int(d) for d in v.shape) + b"t"
+        dtype = b"cnumpy\ndtype\n" + _py2_str(b"u1") + _py2_int(0) + _py2_int(1) + b"\x87R"
+        dtype += b"(" + _py2_int(3) + _py2_str(b"|") + b"NNN" + _py2_int(-1) + _py2_int(-1) + _py2_int(0) + b"tb"
+        empty = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + _py2_int(0) + b"\x85" + _py2_str(b"b")
+        return empty + b"\x87R(" + _py2_int(1) + shape + dtype + b"\x89" + _py2_str(v.tobytes()) + b"tb"
+
+    return b"\x80\x02" + dump(value) + b"."
+
+
+def python2_archive(path: Path, batches=None) -> Path:
+    """CIFAR's python version byte for byte in kind: Python 2 pickles, as the downloaded file holds."""
+    batches = batches or _batches()
+    members = {"cifar-10-batches-py/batches.meta": _py2_pickle({b"label_names": [n.encode() for n in NAMES]})}
+    for name, (rgb, labels) in batches.items():
+        batch = {b"batch_label": name.encode(), b"labels": labels.tolist(), b"data": _planes(rgb)}
+        members[f"cifar-10-batches-py/{name}"] = _py2_pickle(batch)
+    return _tar(path, members)
+
+
 def imagefolder_archive(path: Path, with_test: bool = True) -> Path:
     from pipeline.data.shards import encode_png
 
@@ -87,11 +130,11 @@ def _tree_images(root: Path) -> dict[str, dict[str, int]]:
     }
 
 
-@pytest.mark.parametrize("make", [binary_archive, python_archive])
+@pytest.mark.parametrize("make", [binary_archive, python_archive, python2_archive])
 def test_the_array_archives_become_imagefolder_trees_with_every_pixel_and_label(tmp_path, make):
     batches = _batches()
     manifest = cifar10.prepare(make(tmp_path / "c10.tar.gz", batches), tmp_path / "out")
-    assert manifest["format"] == make.__name__.split("_")[0]
+    assert manifest["format"] == make.__name__.split("_")[0].rstrip("2")
     trains = [labels for name, (_, labels) in batches.items() if name != "test_batch"]
     expected = {n: int(sum((labels == i).sum() for labels in trains)) for i, n in enumerate(NAMES)}
     assert _tree_images(tmp_path / "out")["train"] == expected == manifest["splits"]["train"]
