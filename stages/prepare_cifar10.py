@@ -15,11 +15,11 @@ def command(
     archive: Annotated[
         Path | None,
         typer.Option(
-            help="cifar-10-binary.tar.gz, cifar-10-python.tar.gz or an ImageFolder tar (train/<class>/<image>, "
-            "optionally test/<class>/<image>). Without it torchvision's downloader fetches cifar-10-python.tar.gz.",
+            help="cifar-10-binary.tar.gz, cifar-10-python.tar.gz or an ImageFolder tar (train/CLASS/IMAGE, "
+            "optionally test/CLASS/IMAGE). Without it torchvision's downloader fetches cifar-10-python.tar.gz.",
         ),
     ] = None,
-    out: Annotated[Path, typer.Option(help="Output folder: <out>/train/<class>/, <out>/test/<class>/.")] = Path(
+    out: Annotated[Path, typer.Option(help="Output folder: OUT/train/CLASS/, OUT/test/CLASS/.")] = Path(
         "data/cifar10"
     ),
     downloads: Annotated[Path, typer.Option(help="Where the downloaded archive is kept.")] = Path("data/downloads"),
