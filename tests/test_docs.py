@@ -21,6 +21,12 @@ def links(text: str) -> list[str]:
     return [a or b for a, b in _LINK.findall(text)]
 
 
+def anchors(text: str) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", _FENCE.sub("", text), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.replace("`", "").lower()).replace(" ", "-") for h in headings}
+
+
 def test_links_finds_markdown_and_html_targets_but_not_code():
     text = '[a](docs/a.md) ![b](fig.png "t") <img src="c.png" width="4">\n`[x](no.md)`\n```\n[y](no2.md)\n```\n'
     assert links(text) == ["docs/a.md", "fig.png", "c.png"]
@@ -34,15 +40,27 @@ def test_parameters_page_is_current():
     )
 
 
+def test_anchors_follow_github():
+    assert anchors("## shard: images → WebDataset shards\n## `cart plan`: cost\n```\n# not a heading\n```\n") == {
+        "shard-images--webdataset-shards",
+        "cart-plan-cost",
+    }
+
+
 def test_every_relative_link_resolves():
+    """Every link to a file of the repository names one that exists, and its #anchor a heading of that page."""
     broken = []
     for page in PAGES:
         for target in links(page.read_text()):
-            if re.match(r"[a-z]+:", target) or target.startswith("#"):
-                continue  # a web address or an anchor in the same page
-            if not (page.parent / target.split("#")[0]).exists():
-                broken.append(f"{page.relative_to(ROOT)}: {target}")
-    assert not broken, "links to files that do not exist:\n" + "\n".join(broken)
+            if re.match(r"[a-z]+:", target):
+                continue  # a web address
+            path, _, anchor = target.partition("#")
+            file = page.parent / path if path else page
+            if not file.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and file.suffix == ".md" and anchor not in anchors(file.read_text()):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, "broken links:\n" + "\n".join(broken)
 
 
 def test_readme_is_a_landing_page_linking_every_docs_page():
