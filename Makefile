@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install repro test lint clean-venv
+.PHONY: install repro test lint docs clean-venv
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
+
+# docs/parameters.md is generated from the config sections' Field descriptions (tests/test_docs.py checks it)
+docs: install
+	$(BIN)/python -m pipeline.params_doc
 
 clean-venv:
 	rm -rf $(VENV)

@@ -86,7 +86,7 @@ def _describe(cls: type, error: Any, prefix: str) -> str:
 
 
 def describe_fields(cls: type) -> list[tuple[str, str, Any, str]]:
-    """(name, type, default, description) of every field: the source of the params table in the README."""
+    """(name, type, default, description) of every field: the source of docs/parameters.md (`pipeline.params_doc`)."""
     rows = []
     for name, info in cls.__pydantic_fields__.items():
         annotation = info.annotation

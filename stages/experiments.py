@@ -39,7 +39,7 @@ def command(
     names = list(flatten(yaml.safe_load(params.read_text()) or {}))
     points = experiment_points(dvc.api.exp_show(num=commits), names, _params_of_run)
     if not points:
-        raise ValueError("no experiment has both decompose.order and fid_ref: run `dvc exp run` (see README)")
+        raise ValueError("no experiment has both decompose.order and fid_ref: run `dvc exp run` (see docs/results.md)")
     table = group_runs(points)
 
     summary(

@@ -27,7 +27,7 @@ TOKENIZER_WEIGHTS = "models/tokenizer/tokenizer.safetensors"
 
 @pytest.mark.slow
 def test_an_experiment_killed_after_a_longer_one_resumes_from_its_own_last_checkpoint(workspace):
-    # The README's flow: experiment A runs to its end, then B (other params, so another fingerprint) is killed
+    # docs/reliability.md: experiment A runs to its end, then B (other params, so another fingerprint) is killed
     # before reaching A's step count, and rerun.
     root = workspace / "models" / "checkpoints" / "tokenizer" / "tokenizer"
     experiment_a = {"tokenizer": {"train": {"steps": 12, "checkpoint_every": 4}}}

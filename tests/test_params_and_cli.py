@@ -157,7 +157,7 @@ def test_the_cifar10_preset_sets_every_key_and_differs_from_the_demo_in_data_bud
     assert p.data.resolution == 32 and p.data.highres_scale == p.evaluate.highres_scale == 0  # no 2× originals
     assert p.evaluator.train.steps * p.evaluator.train.batch_size >= 10 * 45_000  # ~11 epochs of the train split
     # The tables compare orders at the demo's network sizes. The demo keeps the GroupNorm rule its measured tables
-    # were made with; CIFAR-10 needs several channels per group to keep the images' colour (README, "CIFAR-10").
+    # were made with; CIFAR-10 needs several channels per group to keep the images' colour (docs/results.md).
     assert cifar["tokenizer"]["model"].pop("min_group_channels") == 4
     assert demo["tokenizer"]["model"].pop("min_group_channels") == 1
     for section in ("tokenizer", "transformer"):

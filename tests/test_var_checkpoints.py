@@ -2,7 +2,7 @@
 
 The VAR state dicts here are built from the facts of VAR's published architecture (its module names and tensor
 shapes: LDM's f16 VQVAE with VAR's multi-scale quantiser, and the AdaLN transformer), at small widths. Parity of
-the numbers with VAR's own code is checked against the official repository itself (README, "Order 0 is VAR").
+the numbers with VAR's own code is checked against the official repository itself (docs/var.md).
 """
 
 from __future__ import annotations

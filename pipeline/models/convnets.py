@@ -20,7 +20,7 @@ def norm(channels: int, min_group_channels: int = 4) -> nn.GroupNorm:
     # 32 groups as in VQGAN and VAR (ch 160: 5 channels each). A narrow network gets fewer groups, never fewer than
     # ``min_group_channels`` channels in each: with one channel per group, GroupNorm removes every channel's mean
     # over the image, and a decoder that ends on such a norm can hardly set an image's colour (on CIFAR-10 the
-    # channels-16 tokenizer's reconstructions lost most of their saturation; README, "CIFAR-10").
+    # channels-16 tokenizer's reconstructions lost most of their saturation; docs/results.md, "CIFAR-10").
     groups = 32
     while channels % groups or (groups > 1 and channels // groups < min_group_channels):
         groups //= 2

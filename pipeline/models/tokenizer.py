@@ -61,7 +61,7 @@ class TokenizerModelConfig:
         4,
         ge=1,
         description="GroupNorm: up to 32 groups (VQGAN's, VAR's), at least this many channels each. 1 normalises a "
-        "narrow network's layers channel by channel, which cost the CIFAR-10 tokenizer its colour (README); "
+        "narrow network's layers channel by channel, which cost the CIFAR-10 tokenizer its colour (docs/results.md); "
         "tokenizers saved before this key existed load with 1.",
     )
     quant_conv: bool = Field(

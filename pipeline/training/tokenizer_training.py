@@ -79,7 +79,7 @@ class TokenizerLossConfig:
         1e-3,
         ge=0,
         description="tokenizer.quantize continuous only: weight of the mean square of the encodings f_{B_k}, which "
-        'keeps the latent\'s scale bounded where no codebook anchors it (README, "Continuous tokens").',
+        'keeps the latent\'s scale bounded where no codebook anchors it (docs/options.md, "Continuous tokens").',
     )
     init_codes_from_data: bool = Field(
         True,
