@@ -46,6 +46,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+import pipeline
 from pipeline.data.sources import DEMO_PHOTOGRAPHS
 from pipeline.models.tokenizer import Tokenizer, TokenizerModelConfig
 from pipeline.models.transformer import CART, SamplingConfig, TransformerModelConfig, forward_flops, generate
@@ -433,7 +434,8 @@ def main() -> None:
     else:
         hardware = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     versions = f"torch {torch.__version__} · python {sys.version.split()[0]}"
-    show = (lambda r: json.dumps(r | {"hardware": hardware})) if args.json else markdown
+    code = str(Path(pipeline.__file__).resolve().parent.parent)  # the tree ``pipeline`` came from (bench/speedup.py)
+    show = (lambda r: json.dumps(r | {"hardware": hardware, "code": code})) if args.json else markdown
     if not args.json:
         print(f"<!-- {datetime.date.today()} · {versions} · {hardware} · compile={args.compile} -->")
         print(HEADER)
