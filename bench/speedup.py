@@ -60,6 +60,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     trees = {"old": args.base.resolve(), "new": args.new.resolve()}
+    for tree in trees.values():  # else the subprocess would import the installed package instead, unseen
+        if not (tree / "pipeline" / "__init__.py").is_file():
+            raise SystemExit(f"{tree} holds no pipeline/ package: not a tree of this project")
     print(f"<!-- {datetime.date.today()} · python bench/speedup.py {' '.join(sys.argv[1:])} -->")
     print("| case | old s/step | new s/step | speed-up (range over rounds) | new tokens/s | new CPU MFU | load |")
     print("|---|---|---|---|---|---|---|")
