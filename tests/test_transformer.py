@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -441,3 +442,37 @@ def test_next_token_prediction_is_token_causal_and_its_cached_sampling_matches_t
     finally:
         torch.set_default_dtype(torch.float32)
     assert cached[0].shape == (3, 4, 4) and torch.equal(cached[0].flatten(1), drawn)
+
+
+def check_device_paths(device: str) -> None:
+    """Teacher forcing on ``device`` (masked SDPA) matches the CPU's in fp32 and, loosely, under bf16 autocast;
+    KV-cached sampling on it draws the uncached model's tokens (in fp64, where no draw can flip)."""
+    tokenizer = make_tokenizer(1)
+    model = make_model(tokenizer)
+    label_B = torch.tensor([0, 3, 4])
+    x_BlC = tokenizer.teacher_forcing_inputs(random_indices(tokenizer, 3))
+    expected = model(label_B, x_BlC)
+    moved = copy.deepcopy(model).to(device)
+    torch.testing.assert_close(moved(label_B.to(device), x_BlC.to(device)).cpu(), expected, rtol=1e-3, atol=1e-3)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        bf16 = moved(label_B.to(device), x_BlC.to(device)).float().cpu()
+    assert (bf16 - expected).abs().max() < 0.05 * expected.abs().max()
+    cfg = SamplingConfig(guidance=2.5, top_k=20)
+    torch.set_default_dtype(torch.float64)
+    torch.set_default_device(device)
+    try:
+        tokenizer, model = tokenizer.to(device).double(), moved.double()
+        labels = torch.tensor([0, 1, 2, 3, 4, 0])
+        cached = generate(model, tokenizer, labels, cfg, torch.Generator(device).manual_seed(7))
+        uncached = reference_sample(model, tokenizer, labels, cfg, torch.Generator(device).manual_seed(7))
+    finally:
+        torch.set_default_dtype(torch.float32)
+        torch.set_default_device(None)
+    for m, (a, b) in enumerate(zip(cached, uncached, strict=True)):
+        assert a.device.type == torch.device(device).type and torch.equal(a, b), f"map {m} differs"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_teacher_forcing_matches_the_cpu_and_cached_sampling_the_uncached_model():
+    check_device_paths("cuda")
