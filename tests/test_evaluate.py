@@ -61,6 +61,22 @@ def test_evaluate_writes_suffixed_metrics_with_ceiling_floor_and_figures(trained
         assert Path(f"reports/evaluate/{figure}.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_without_the_fid_networks_wheel_evaluate_says_how_to_install_it_and_measures_the_ref_metrics(
+    trained, tmp_path, monkeypatch
+):
+    from pipeline.evaluation import inception
+
+    monkeypatch.setattr(inception, "wheel_file", lambda: None)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    result = runner.invoke(app, ["evaluate"])
+    assert result.exit_code == 0, result.output
+    flat = re.sub(r"[\s│]+", "", result.output)  # the summary table wraps its cells
+    assert "notinstalled:pipinstall--no-depsfid-helper-pytorch==0.1.3" in flat
+    metrics = json.loads(Path("metrics/eval.json").read_text())
+    assert math.isfinite(metrics["fid_ref"]) and math.isfinite(metrics["untrained_fid_ref"])
+    assert not any(key.endswith("_inception") for key in metrics)  # never mixed in, never faked
+
+
 def test_highres_doubles_the_side_upsamples_the_sampled_base_and_adds_tile_detail(trained, monkeypatch):
     import pipeline.evaluation.highres as highres
     from pipeline.models.transformer import generate
