@@ -6,7 +6,7 @@
   precision and recall of the same features through torch-fidelity's formulas;
 - how much FID moves with the resize: TF 1 bilinear (ours, the field's), torch bilinear with antialias, PIL bicubic;
 - what folding batch norm and channels-last (the fast path) and bf16 autocast do to FID (fp32 unfolded on the first
-  ``--plain`` images).
+  ``--subset`` images, as are the other resizes).
 
 Features are saved per variant under ``--out`` (``<variant>.npy``) and reused when rerun, so a run cut short keeps
 what it measured. The images are a random subset (``--seed``) of the folder's files in sorted path order.
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline import atomic
 from pipeline.data.sources import decode_rgb
 from pipeline.evaluation.inception import SIDE, fold_batch_norm, load_inception, preprocess
 from pipeline.evaluation.metrics import metrics_from_features
@@ -84,12 +85,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--n", type=int, default=4000, help="Images of the folder used (a random subset).")
-    parser.add_argument("--plain", type=int, default=1000, help="Images also run through the unfolded fp32 net.")
+    parser.add_argument(
+        "--subset", type=int, default=1000, help="The first this many images only for the unfolded net and the resizes."
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--extract-only", action="store_true", help="Save the features, compute no FID.")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     paths, _ = folder_images(args.root)
     pick = np.sort(np.random.default_rng(args.seed).choice(len(paths), min(args.n, len(paths)), replace=False))
@@ -99,12 +104,15 @@ def main() -> None:
     feats, speed = {}, {}
     for variant in args.variants:
         path = args.out / f"{variant}.npy"
-        subset = images[: args.plain] if variant == "tf1_plain" else images
+        subset = images if variant in ("tf1", "tf1_bf16") else images[: args.subset]
         if not path.exists():
             features_ND, speed[variant] = extract(subset, variant, nets)
-            np.save(path, features_ND)
+            with atomic.writing(path) as tmp, open(tmp, "wb") as f:  # a concurrent run may be reading the folder
+                np.save(f, features_ND)
             print(f"{variant}: {len(subset)} images at {speed[variant]:.1f} images/s", flush=True)
         feats[variant] = np.load(path)
+    if args.extract_only:
+        return
 
     rng_halves = [np.random.default_rng(s).permutation(len(images)) for s in (0, 1, 2)]
     n2 = len(images) // 2
@@ -123,7 +131,7 @@ def main() -> None:
         if variant == "tf1":
             continue
         n = len(features_ND)
-        if variant == "tf1_plain":  # the same images' first n, halves by the same split of those
+        if n < len(images):  # the same images' first n, halves by one split of those
             p = np.random.default_rng(0).permutation(n)
             ours = fid(tf1[:n][p[: n // 2]], tf1[:n][p[n // 2 :]])
         else:
