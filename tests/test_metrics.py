@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import math
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torch_fidelity.feature_extractor_inceptionv3 as fidelity_inception
 
 from pipeline.data import shards
 from pipeline.evaluation.metrics import (
-    INCEPTION_FILE,
     MissingWeights,
-    choose_extractor,
     class_consistency,
     fidelity_metrics,
-    inception_available,
-    inception_extractor,
     reference_extractor,
 )
 from pipeline.models.evaluator import (
@@ -56,18 +50,6 @@ def reference(tmp_path) -> Path:
     torch.manual_seed(0)
     save_evaluator(tmp_path / "ref", ReferenceNet(ReferenceNetConfig(), num_classes=8, input_size=32).eval())
     return tmp_path / "ref"
-
-
-@pytest.fixture
-def no_downloads(monkeypatch):
-    """Any attempt to fetch weights from the network fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"a download was attempted: {args[:1]}")
-
-    monkeypatch.setattr(fidelity_inception, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
 
 
 def test_identical_sets_have_zero_distance_and_different_ones_do_not(reference):
@@ -122,49 +104,6 @@ def test_extractor_is_registered_once_per_weights_file(reference, tmp_path):
     assert reference_extractor(tmp_path / "other").name != first.name
     with pytest.raises(MissingWeights, match="train_evaluator"):
         reference_extractor(tmp_path / "absent")
-
-
-def test_missing_inception_is_reported_without_downloading(tmp_path, monkeypatch, no_downloads, reference):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
-    assert inception_available(None) is None
-    with pytest.raises(MissingWeights, match=INCEPTION_FILE):
-        inception_extractor(None)
-    with pytest.raises(MissingWeights, match="nowhere.pth"):
-        inception_available(tmp_path / "nowhere.pth")  # a named file that is absent is a mistake, not a fallback
-    assert choose_extractor(reference, None).suffix == "ref"
-
-
-def random_inception_weights(monkeypatch) -> dict[str, torch.Tensor]:
-    """A state dict with the keys and shapes torch-fidelity's Inception-v3 loads, randomly initialised.
-
-    The extractor always loads weights in its constructor; with loading turned off for one construction its
-    own freshly built parameters are the state dict. He-normal weights keep 2048-d features from vanishing.
-    """
-    with monkeypatch.context() as patch:
-        patch.setattr(fidelity_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
-        patch.setattr(fidelity_inception, "load_state_dict_from_url", lambda *args, **kwargs: None)
-        state = fidelity_inception.FeatureExtractorInceptionV3("inception", ["2048"]).state_dict()
-    torch.manual_seed(0)
-    for value in state.values():
-        if value.ndim >= 2:
-            value.normal_(0, math.sqrt(2 / value[0].numel()))
-    return state
-
-
-def test_inception_is_found_in_the_torch_cache_and_gives_inception_metrics(tmp_path, monkeypatch, no_downloads):
-    state = random_inception_weights(monkeypatch)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    cached = tmp_path / "hub" / "checkpoints" / INCEPTION_FILE
-    cached.parent.mkdir(parents=True)
-    torch.save(state, cached)
-    assert inception_available(None) == cached
-    extractor = choose_extractor(tmp_path / "no-reference-needed", None)
-    assert extractor.suffix == "inception" and extractor.weights == cached
-    # 299 px on CPU, and a 2048-d FID: the smallest sets precision/recall allow (k = 3 neighbours).
-    metrics = fidelity_metrics(smooth_images(4, side=16), noise_images(4, side=16), extractor)
-    assert set(metrics) == {f"{name}_inception" for name in NAMES}
-    assert all(math.isfinite(v) for v in metrics.values())
-    assert metrics["fid_inception"] > 0
 
 
 def write_pattern_shards(directory: Path, per_class: int, seed: int) -> None:

