@@ -670,7 +670,8 @@ def load_transformer(stem: str | Path, device: torch.device | str = "cpu") -> tu
         config["codebook_size"],
         config["latent_channels"],
         clusters=0 if coarse_V is None else int(coarse_V.max()) + 1,
-        diffusion=DiffusionConfig(**config["diffusion"]) if "diffusion" in config else None,
+        # A head saved before the learned variance existed has none: it loads, and samples, as "fixed".
+        diffusion=DiffusionConfig(**{"variance": "fixed", **config["diffusion"]}) if "diffusion" in config else None,
     )
     if coarse_V is not None:
         model.fine.set_clusters(coarse_V)
