@@ -1,6 +1,6 @@
 """Features/s of the FID network (pipeline.evaluation.inception) on this CPU, variants timed alternately.
 
-    flock /work/wt/heavy.lock python -m bench.inception --images 64 --rounds 3
+    python -m bench.inception --images 64 --rounds 3
 
 Variants: ``plain`` (the module as converted: conv, batch norm, ReLU, contiguous NCHW), ``folded`` (batch norm folded
 into the convolutions), ``folded_cl`` (folded + channels-last: what the metrics use), ``folded_cl_bf16`` (the same

@@ -1,6 +1,6 @@
 """Checks of the FID network on a real image folder (e.g. CIFAR-10's train/<class>/*.jpg), from its features:
 
-    flock /work/wt/heavy.lock python -m bench.inception_fid --root /tmp/cifar10/train --n 4000 --out /tmp/incv
+    python -m bench.inception_fid --root /tmp/cifar10/train --n 4000 --out /tmp/incv
 
 - FID of a set against itself (0), and between disjoint random halves for 3 split seeds (mean ± std), with KID,
   precision and recall of the same features through torch-fidelity's formulas;

@@ -2,8 +2,8 @@
 
     python bench/shard.py --source /tmp/cifar10/train --workers 1 2
 
-Unpack the CIFAR-10 tree first:
-    mkdir -p /tmp/cifar10 && tar -xzf ../shared/datasets/cifar10-train.tar.gz -C /tmp/cifar10
+Write the CIFAR-10 tree first (docs/cifar10.md):
+    python -m stages prepare-cifar10 --archive <your CIFAR-10 archive> --out /tmp/cifar10
 Prints one row per worker count; copy it into bench/RESULTS.md with the machine and date.
 """
 
