@@ -27,7 +27,7 @@ if ! $PY -c "import pipeline.models.transformer, pipeline.data.decompose, pipeli
     > "$OUT/preflight.txt" 2>&1; then
     echo "bench/gpu.sh: the project does not import with $PY (see $OUT/preflight.txt):" >&2
     tail -1 "$OUT/preflight.txt" >&2
-    echo "carry the missing packages as wheels in ./.whl (see /work/.library/device/README.md)" >&2
+    echo "install them first (make install), or carry them as wheels in ./.whl on a machine without the package index" >&2
     exit 2
 fi
 

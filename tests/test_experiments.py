@@ -94,3 +94,29 @@ def test_a_run_from_before_a_param_existed_is_averaged_with_runs_that_have_it_at
         (1, "order 3, data.highres_scale=2.0, tokenizer.init_from=var/vae"),
         (2, "order 3, data.highres_scale=2.0, tokenizer.init_from=None"),
     ]
+
+
+def test_a_diffusion_run_from_before_the_learned_variance_is_not_averaged_with_one_that_has_it():
+    """`transformer.diffusion.variance` came with the default `learned`; diffusion heads before it sampled with the
+    fixed variance, so an older diffusion run is a different setting; a softmax run's head has no such variance."""
+    params = PARAMS + ["transformer.head", "transformer.diffusion.variance"]
+
+    def file(head, variance=None):
+        diffusion = {} if variance is None else {"variance": variance}
+        return {"data": {"source": "demo"}, "transformer": {"head": head, "diffusion": diffusion}}
+
+    files = {
+        "diff-old": file("diffusion"),
+        "diff-new": file("diffusion", "learned"),
+        "diff-fixed": file("diffusion", "fixed"),
+        "soft-old": file("softmax"),
+        "soft-new": file("softmax", "learned"),
+    }
+    rows = [run(name, 0, 10.0 + i, seed=i) for i, name in enumerate(files)]
+
+    def read(row):
+        return flatten({**files[row["Experiment"]], "decompose": {"order": 0}})
+
+    table = group_runs(experiment_points(rows, params, read))
+    groups = sorted(sorted(r["names"]) for r in table)
+    assert groups == [["diff-fixed", "diff-old"], ["diff-new"], ["soft-new", "soft-old"]]

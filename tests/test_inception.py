@@ -198,3 +198,7 @@ def test_reference_stats_of_an_image_folder_record_what_made_them(tmp_path, monk
     assert features_ND.shape == (5, 2048)
     np.testing.assert_allclose(saved["mu"], features_ND.mean(0), rtol=1e-5, atol=1e-6)
     assert runner.invoke(app, ["reference-stats", "--images", "nowhere"]).exit_code == 2
+    # A tree of mixed sizes (an uncropped folder) is refused naming the odd file, and nothing is written.
+    cv2.imwrite(str(tmp_path / "images" / "c1" / "9.png"), rng.integers(0, 256, (16, 12, 3), np.uint8))
+    mixed = runner.invoke(app, ["reference-stats", "--images", "images", "--out", "mixed.npz"])
+    assert mixed.exit_code == 2 and "9.png" in mixed.output and not Path("mixed.npz").exists()

@@ -281,9 +281,9 @@ def test_guidance_ramps_over_vars_scales_and_holds_w_on_the_appended_detail_maps
     assert _weights(cfg, TokenLayout(scales, 2, 1, "replace")) == [1.0, 1.5, 2.0, 2.5, 3.0]
     # One base map (Table 3's single-base row): full guidance throughout, as VAR with one scale.
     assert _weights(cfg, TokenLayout([8], 3, 1)) == [3.0] * 4
-    # The earlier schedule, kept to reproduce older rows: the ramp over every map, which guided order 3's full-
-    # latent base map with 2.0 where VAR's got 3.0.
-    before = dataclasses.replace(cfg, guidance_schedule="linear_all_maps")
+    # The ramp over every map (linear): VAR's at order 0, but it guides order 3's full-latent base map with 2.0
+    # where VAR's gets 3.0.
+    before = dataclasses.replace(cfg, guidance_schedule="linear")
     assert _weights(before, TokenLayout(scales, 0, 1)) == _weights(cfg, TokenLayout(scales, 0, 1))
     assert _weights(before, TokenLayout([1, 2, 3, 4, 8], 4, 1))[4] == 2.0
     constant = dataclasses.replace(cfg, guidance_schedule="constant")
@@ -371,7 +371,7 @@ def test_attention_has_no_k_bias_and_vars_temperature_without_qk_norm():
 
 def test_var_fid_preset_is_vars_recipe():
     preset = SamplingConfig(guidance=1.0, top_k=3, preset="var_fid").resolved()
-    assert (preset.guidance, preset.top_k, preset.top_p, preset.guidance_schedule) == (2.5, 900, 0.96, "linear")
+    assert (preset.guidance, preset.top_k, preset.top_p, preset.guidance_schedule) == (2.5, 900, 0.96, "linear_scales")
     assert SamplingConfig(top_k=3).resolved().top_k == 3
     # VAR's logits (1 + t)·cond − t·uncond with t = 1.5·m/(M − 1) are ours with w = 1 + t.
     assert _weights(preset, TokenLayout([1, 2, 3, 4], 0, 1)) == [1.0, 1.5, 2.0, 2.5]

@@ -25,6 +25,21 @@ class _Absent:
 
 
 ABSENT = _Absent()
+
+# Keys added with a default other than what the runs before them did: a run whose params.yaml lacks the key ran
+# with this value (only where the key applies: the diffusion head's variance means nothing to a softmax run).
+PREDATING = {"transformer.diffusion.variance": ("transformer.head", "diffusion", "fixed")}
+
+
+def _own_value(own: dict[str, Any], param: str) -> Any:
+    """``param`` in a run's own params.yaml; a key that predates the run is ABSENT, or what it ran with then."""
+    if param in own:
+        return own[param]
+    if param in PREDATING:
+        applies_key, applies_value, ran_with = PREDATING[param]
+        if own.get(applies_key) == applies_value:
+            return ran_with
+    return ABSENT
 # The field's FID (Inception, against the val images) first, with its ceiling and floor; then the reference
 # classifier's (secondary: comparable only within this project). Runs that predate the Inception metrics have NaN.
 COLUMNS = (
@@ -91,7 +106,7 @@ def experiment_points(
             continue
         point = {"name": row.get("Experiment") or row.get("rev") or "?", "order": int(order)}
         own = read_params(row) if read_params else None
-        values = {p: own.get(p, ABSENT) for p in params} if own is not None else {p: _get(row, p) for p in params}
+        values = {p: _own_value(own, p) for p in params} if own is not None else {p: _get(row, p) for p in params}
         point["params"] = {p: _canonical(v) for p, v in values.items()}
         point |= {c: _number(_get(row, c)) for c in COLUMNS + COST}
         key = (point["order"], *(point[c] for c in COLUMNS))

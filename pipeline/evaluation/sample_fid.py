@@ -1,5 +1,5 @@
 """The field's FID protocol: N images per class from the trained transformer, as PNGs and as the ``samples.npz``
-OpenAI's ADM evaluator reads, and FID against reference statistics with torch-fidelity's Inception-v3.
+OpenAI's ADM evaluator reads, and FID against reference statistics with the field's Inception-v3 (``pipeline.evaluation.inception``).
 
 Sampling goes in chunks of ``batch_size`` images (``pipeline.evaluation.sampling.sample_chunk``), each drawn
 with its own seed derived from (``transformer.sampling.seed``, chunk index): under torchrun every rank draws its
@@ -266,7 +266,9 @@ def shard_images(urls: list[str]) -> Iterator[torch.Tensor]:
 
 def folder_images(root: str | Path) -> tuple[list[Path], Iterator[torch.Tensor]]:
     """The image files under ``root`` (an ImageFolder tree: ``<class>/<file>``) in sorted path order, and their
-    uint8 3×H×W pixels decoded as the shard stage decodes them. An unreadable file is ``InvalidInput`` naming it."""
+    uint8 3×H×W pixels decoded as the shard stage decodes them. An unreadable file, or one whose size differs from
+    the first's, is ``InvalidInput`` naming it: reference statistics are of images at the samples' size, so a tree
+    of mixed sizes (an uncropped ImageNet folder) must be cropped and resized as the shard stage does first."""
     from pipeline.data.sources import decode_rgb
 
     suffixes = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -275,10 +277,17 @@ def folder_images(root: str | Path) -> tuple[list[Path], Iterator[torch.Tensor]]
         raise InvalidInput(f"{root}: no image files ({', '.join(sorted(suffixes))}) under it")
 
     def decode() -> Iterator[torch.Tensor]:
+        size = None
         for path in paths:
             rgb = decode_rgb(path.read_bytes())
             if rgb is None:
                 raise InvalidInput(f"{path}: not a readable image")
+            size = size or (rgb.shape[:2], path)
+            if rgb.shape[:2] != size[0]:
+                raise InvalidInput(
+                    f"{path}: {rgb.shape[1]}×{rgb.shape[0]} pixels, {size[1]} {size[0][1]}×{size[0][0]}: reference "
+                    "statistics need images of one size (crop and resize them as the shard stage does first)"
+                )
             yield torch.from_numpy(rgb).permute(2, 0, 1)
 
     return paths, decode()

@@ -43,8 +43,8 @@ class DiffusionConfig:
         "learned",
         description="learned: the head also predicts Var[x_0 | x_t] per channel (trained by x_0's likelihood, the "
         "variational bound's variance term, as MAR learns its variance) and each reverse step adds it to the "
-        "posterior variance; fixed: the posterior variance alone (transformers saved before it existed; too narrow "
-        "at few steps).",
+        "posterior variance; fixed: the posterior variance alone (what a saved transformer without this key "
+        "ran with; too narrow at few steps: docs/diffusion-sampler.md).",
     )
 
 

@@ -104,12 +104,12 @@ class SamplingConfig:
         description="Classifier-free guidance weight w: logits = uncond + w·(cond − uncond); 1 = no guidance. "
         "VAR's cfg = c is w = 1 + c.",
     )
-    guidance_schedule: Literal["linear", "linear_all_maps", "constant"] = Field(
-        "linear",
-        description="linear: VAR's ramp over VAR's scale schedule, from 1 at the first scale to w at the last; every "
-        "map gets the weight VAR gives the map in its place, so detail maps appended after the last scale get w "
-        "(order 0: exactly VAR's). linear_all_maps: the ramp over every map, details included, which guides an "
-        "appended layout's base maps less than VAR's at the same w (this project's schedule before 2026-12-07). "
+    guidance_schedule: Literal["linear_scales", "linear", "constant"] = Field(
+        "linear_scales",
+        description="linear_scales: VAR's ramp over VAR's scale schedule, from 1 at the first scale to w at the last; "
+        "every map gets the weight VAR gives the map in its place, so detail maps appended after the last scale get w "
+        "(order 0: exactly VAR's; docs/cifar10.md says why). linear: the ramp over every map, details included, "
+        "which guides an appended layout's base maps less than VAR's at the same w (order 0: VAR's as well). "
         "constant: w on every map.",
     )
     top_k: int = Field(0, ge=0, description="Sample among the k likeliest codes (0: all).")
@@ -143,7 +143,13 @@ class SamplingConfig:
 
 
 # VAR's released FID/IS numbers use cfg = 1.5 (our guidance 1 + 1.5), top-k 900, top-p 0.96 (its README, demo).
-VAR_FID_SAMPLING = {"guidance": 2.5, "guidance_schedule": "linear", "top_k": 900, "top_p": 0.96, "temperature": 1.0}
+VAR_FID_SAMPLING = {
+    "guidance": 2.5,
+    "guidance_schedule": "linear_scales",
+    "top_k": 900,
+    "top_p": 0.96,
+    "temperature": 1.0,
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -448,7 +454,7 @@ def teacher_forcing_inputs(model: CART, tokenizer: Tokenizer, indices: list[torc
 
 
 def guidance_weight(cfg: SamplingConfig, map_index: int, layout: TokenLayout) -> float:
-    """w at map m. linear: VAR's t = cfg·m/(S−1) over its S scales, held at w after them (appended details).
+    """w at map m. linear_scales: VAR's t = cfg·m/(S−1) over its S scales, held at w after them (appended details).
 
     Why not the ramp over all M maps: appended, CART's base maps are VAR's maps, but a ramp over M > S maps gives
     them less guidance than VAR gives the same maps at the same w (the full-latent base map m = S−1 would get
@@ -456,7 +462,7 @@ def guidance_weight(cfg: SamplingConfig, map_index: int, layout: TokenLayout) ->
     """
     if cfg.guidance_schedule == "constant":
         return cfg.guidance
-    ramp = layout.num_maps if cfg.guidance_schedule == "linear_all_maps" else layout.num_scales
+    ramp = layout.num_maps if cfg.guidance_schedule == "linear" else layout.num_scales
     ratio = min(map_index / (ramp - 1), 1.0) if ramp > 1 else 1.0
     return 1 + (cfg.guidance - 1) * ratio
 

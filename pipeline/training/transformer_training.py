@@ -290,6 +290,14 @@ def _shared_maps(source: dict[str, Any], layout: TokenLayout) -> int:
     return shared
 
 
+# The diffusion head's output layer: v (C rows), then with the learned variance log Var (C rows more).
+VELOCITY_ROWS = ("diffusion.output.weight", "diffusion.output.bias")
+
+
+def _velocity_rows_fit(source: torch.Tensor, target: torch.Tensor) -> bool:
+    return 2 * source.shape[0] == target.shape[0] and source.shape[1:] == target.shape[1:]
+
+
 def init_transformer_from(model: CART, stem: str | Path) -> InitReport:
     """Start ``model`` from the transformer saved at ``stem``: copy what fits, keep the rest as initialised.
 
@@ -329,6 +337,11 @@ def init_transformer_from(model: CART, stem: str | Path) -> InitReport:
                     ids, source_ids = model.layout.map_level_ids()[:shared], source_layout.map_level_ids()[:shared]
                     tensor[ids] = state[key][source_ids]
                 report.partly.append(f"{key} (the {shared} shared maps)")
+            elif key in VELOCITY_ROWS and key in state and _velocity_rows_fit(state[key], tensor):
+                # A fixed-variance head's output is the velocity alone; the learned-variance head's starts with
+                # the same velocity rows, then the log-variance rows, which keep their unit-variance start.
+                tensor[: len(state[key])] = state[key]
+                report.partly.append(f"{key} (the velocity rows; the variance rows start at unit variance)")
             else:
                 report.fresh.append(key)
     return report
