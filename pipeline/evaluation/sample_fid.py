@@ -1,5 +1,6 @@
 """The field's FID protocol: N images per class from the trained transformer, as PNGs and as the ``samples.npz``
-OpenAI's ADM evaluator reads, and FID against reference statistics with the field's Inception-v3 (``pipeline.evaluation.inception``).
+OpenAI's ADM evaluator reads, and FID against reference statistics with the field's Inception-v3
+(``pipeline.evaluation.inception``).
 
 Sampling goes in chunks of ``batch_size`` images (``pipeline.evaluation.sampling.sample_chunk``), each drawn
 with its own seed derived from (``transformer.sampling.seed``, chunk index): under torchrun every rank draws its
