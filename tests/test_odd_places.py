@@ -34,7 +34,7 @@ def make_install(tmp_path, pythons: dict[str, str], *args: str, dry_run: bool = 
             answer = "echo False" if kind == "old" else f"echo 'pyenv: {name}: command not found' >&2; exit 127"
             (bin_dir / name).write_text(f"#!/bin/sh\n{answer}\n")
             (bin_dir / name).chmod(0o755)
-    for name in ("pyproject.toml", "constraints.txt"):
+    for name in ("pyproject.toml", "constraints.txt", "requirements-fid.txt"):
         (tmp_path / name).touch()
     command = [shutil.which("make"), "-f", str(ROOT / "Makefile"), *(["-n"] if dry_run else []), "install", *args]
     return subprocess.run(command, cwd=tmp_path, env={"PATH": str(bin_dir)}, capture_output=True, text=True)
