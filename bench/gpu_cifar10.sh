@@ -37,7 +37,8 @@ DEFAULT_BUDGET="transformer.model.depth=8 transformer.model.width=512 transforme
 transformer.train.steps=3000 transformer.train.batch_size=128 transformer.train.lr=5.0e-4 \
 transformer.train.checkpoint_every=500 transformer.train.eval_every=0"
 if [[ -n "${SMOKE:-}" ]]; then
-  # Every stage runs, at a size the 2-core CPU finishes in about a minute: it checks the plumbing, not the numbers.
+  # Every stage runs, at a size the 2-core CPU finishes in about a minute: it checks the plumbing, not the numbers
+  # (the FID network at 299² would be most of it: tests/test_evaluate.py checks that path).
   MACHINE="data.workers=1 data.shard_size=64 data.resolution=16 decompose.outer_iterations=4 decompose.batch_size=64"
   DEFAULT_BUDGET="tokenizer.model.channels=8 tokenizer.model.channel_multipliers=[1,2] \
 tokenizer.model.latent_channels=8 tokenizer.model.codebook_size=64 tokenizer.model.scales=[1,2,4,8] \
@@ -48,7 +49,7 @@ transformer.train.steps=4 transformer.train.batch_size=8 transformer.train.num_w
 transformer.train.eval_every=0 transformer.train.checkpoint_every=2 evaluator.model.channels=8 \
 evaluator.model.stages=2 evaluator.model.feature_dim=16 evaluator.train.steps=4 evaluator.train.batch_size=8 \
 evaluator.train.checkpoint_every=2 evaluator.train.num_workers=0 evaluate.samples_per_class=4 \
-evaluate.figure_per_class=1 tokens.batch_size=16"
+evaluate.figure_per_class=1 evaluate.inception=false tokens.batch_size=16"
   DEADLINE=${DEADLINE_SMOKE:-$DEADLINE}
 fi
 BUDGET=${BUDGET:-$DEFAULT_BUDGET}
