@@ -88,7 +88,8 @@ def setups(config: str, device: torch.device, params: Path, assignments: list[st
 
 
 def override(params: dict, assignments: list[str]) -> dict:
-    """``params`` with dotted ``key.path=value`` assignments applied (values parsed as YAML), as ``dvc exp -S``."""
+    """``params`` with dotted ``key.path=value`` assignments applied (values parsed as YAML), as ``dvc exp -S``:
+    the key must exist in the params file, so a typo stops the run instead of timing an unchanged setup."""
     for assignment in assignments:
         key, sep, value = assignment.partition("=")
         if not sep:
@@ -96,7 +97,9 @@ def override(params: dict, assignments: list[str]) -> dict:
         *parents, leaf = key.split(".")
         node = params
         for part in parents:
-            node = node.setdefault(part, {})
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            raise SystemExit(f"--set {key}: no such key in the params file (--params names it)")
         node[leaf] = yaml.safe_load(value)
     return params
 
