@@ -10,6 +10,7 @@ import typer
 
 from stages.common import ParamsOption, console, load, one_run_at_a_time, progress, reports_errors, summary
 
+CHUNK = 1024  # images per resumable part of `reference-stats`
 MODEL, OUT, METRICS = Path("models/transformer/transformer"), Path("samples/fid"), Path("metrics/fid.json")
 
 
@@ -81,11 +82,14 @@ def reference_stats_command(
     never downloaded. For ImageNet prefer the published files (ADM's `VIRTUAL_imagenet256_labeled.npz`): numbers
     against them compare with the papers'.
     """
+    import shutil
+
     import numpy as np
 
     from pipeline import atomic
     from pipeline.config import InvalidInput
     from pipeline.data.decomposed import split_shards
+    from pipeline.evaluation.inception import NETWORK, RESIZE
     from pipeline.evaluation.sample_fid import (
         folder_images,
         reference_features,
@@ -102,17 +106,25 @@ def reference_stats_command(
         if not images.is_dir():
             raise InvalidInput(f"--images {images}: not a folder")
         paths, pixels = folder_images(images)
-        source = f"folder {images} ({len(paths)} images, sorted paths)"
+        source, count = f"folder {images} ({len(paths)} images, sorted paths)", len(paths)
     else:
         dirs = split or [Path("data/shards/val")]
         urls = [url for directory in dirs for url in split_shards(directory)]
         if not urls:
             raise FileNotFoundError(f"no shards (shard-*.tar) in {', '.join(map(str, dirs))}")
-        pixels, source = shard_images(urls), f"shards {', '.join(map(str, dirs))}"
+        pixels, source, count = shard_images(urls), f"shards {', '.join(map(str, dirs))}", None
     device = resolve_device(p.sample_fid.device)
-    features_ND = reference_features(pixels, p.evaluate.inception_weights, device, p.sample_fid.feature_batch_size)
+    # Resumable: the features of every chunk of images are kept beside `out` until the statistics are written.
+    inputs = [atomic.files_fingerprint(d) for d in ([images] if images is not None else dirs)]
+    recipe = (source, NETWORK, RESIZE, str(p.evaluate.inception_weights), CHUNK)
+    work = atomic.ResumableDir(out, atomic.fingerprint(recipe, inputs))
+    with progress() as bar:
+        features_ND = reference_features(
+            pixels, p.evaluate.inception_weights, device, p.sample_fid.feature_batch_size, work, CHUNK, bar, count
+        )
     if features is not None:
         with atomic.writing(features) as tmp, open(tmp, "wb") as f:
             np.save(f, features_ND.astype(np.float32))
     write_statistics(out, statistics(features_ND), len(features_ND), source)
+    shutil.rmtree(work.work)
     console.print(f"wrote {out}: Inception statistics of {len(features_ND)} images ({source})")

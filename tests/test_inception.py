@@ -195,10 +195,36 @@ def test_reference_stats_of_an_image_folder_record_what_made_them(tmp_path, monk
     assert int(saved["count"]) == 5 and str(saved["resize"]) == "tf1-bilinear-299"
     assert str(saved["network"]).startswith("tf-inception-2015-12-05-pool3") and "images" in str(saved["source"])
     features_ND = np.load("f.npy")
-    assert features_ND.shape == (5, 2048)
+    assert features_ND.shape == (5, 2048) and not Path(".stats.npz.partial").exists()  # resumable parts cleared
     np.testing.assert_allclose(saved["mu"], features_ND.mean(0), rtol=1e-5, atol=1e-6)
     assert runner.invoke(app, ["reference-stats", "--images", "nowhere"]).exit_code == 2
     # A tree of mixed sizes (an uncropped folder) is refused naming the odd file, and nothing is written.
     cv2.imwrite(str(tmp_path / "images" / "c1" / "9.png"), rng.integers(0, 256, (16, 12, 3), np.uint8))
     mixed = runner.invoke(app, ["reference-stats", "--images", "images", "--out", "mixed.npz"])
     assert mixed.exit_code == 2 and "9.png" in mixed.output and not Path("mixed.npz").exists()
+
+
+def test_reference_features_resume_after_a_kill_measuring_only_the_missing_chunks(tmp_path, monkeypatch):
+    from pipeline import atomic
+    from pipeline.evaluation import sample_fid
+
+    weights = random_inception_file(tmp_path / "w.safetensors", monkeypatch)
+    rng = np.random.default_rng(0)
+    images = [torch.from_numpy(rng.integers(0, 256, (3, 12, 12), np.uint8)) for _ in range(7)]
+    whole_ND = sample_fid.reference_features(images, str(weights), torch.device("cpu"), batch_size=2)
+
+    def killed_after(n):
+        yield from images[:n]
+        raise KeyboardInterrupt  # the run is killed while reading image n
+
+    work = atomic.ResumableDir(tmp_path / "stats.npz", "recipe")
+    with pytest.raises(KeyboardInterrupt):
+        sample_fid.reference_features(killed_after(5), str(weights), torch.device("cpu"), 2, work, chunk_size=3)
+    assert sorted(p.name for p in work.work.glob("features-*.npy")) == ["features-000000.npy"]
+    measured = []
+    original = sample_fid.features
+    monkeypatch.setattr(sample_fid, "features", lambda net, batches: measured.append(1) or original(net, batches))
+    work = atomic.ResumableDir(tmp_path / "stats.npz", "recipe")
+    resumed_ND = sample_fid.reference_features(images, str(weights), torch.device("cpu"), 2, work, chunk_size=3)
+    assert len(measured) == 2  # chunks 1 and 2 (images 3-5 and 6), not chunk 0 again
+    np.testing.assert_allclose(resumed_ND, whole_ND, rtol=1e-5, atol=1e-6)
