@@ -1,6 +1,7 @@
 """Checks of the FID network on a real image folder (e.g. CIFAR-10's train/<class>/*.jpg), from its features:
 
     python -m bench.inception_fid --root /tmp/cifar10/train --n 4000 --out /tmp/incv
+    python -m bench.inception_fid --features train_features.npy --out /tmp/incv50k   # `cart reference-stats --features`
 
 - FID of a set against itself (0), and between disjoint random halves for 3 split seeds (mean ± std), with KID,
   precision and recall of the same features through torch-fidelity's formulas;
@@ -8,6 +9,8 @@
 - what folding batch norm and channels-last (the fast path) and bf16 autocast do to FID (fp32 unfolded on the first
   ``--subset`` images, as are the other resizes).
 
+With ``--features`` (the ``.npy`` of ``cart reference-stats --features``: a whole folder in sorted path order) only
+the checks of the features themselves run (self, halves, even/odd indices, KID/precision/recall), no extraction.
 Features are saved per variant under ``--out`` (``<variant>.npy``) and reused when rerun, so a run cut short keeps
 what it measured. The images are a random subset (``--seed``) of the folder's files in sorted path order.
 Results: bench/RESULTS.md and docs/inception-fid.md.
@@ -83,7 +86,8 @@ def fid(a_ND: np.ndarray, b_ND: np.ndarray) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--root", type=Path, help="The image folder (needed unless --features).")
+    parser.add_argument("--features", type=Path, help="Features already extracted, in sorted path order.")
     parser.add_argument("--n", type=int, default=4000, help="Images of the folder used (a random subset).")
     parser.add_argument(
         "--subset", type=int, default=1000, help="The first this many images only for the unfolded net and the resizes."
@@ -96,6 +100,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.features is not None:
+        return checks({"tf1": np.load(args.features)}, {}, args.features, args.seed, args.out)
+    if args.root is None:
+        parser.error("--root or --features is needed")
     paths, _ = folder_images(args.root)
     pick = np.sort(np.random.default_rng(args.seed).choice(len(paths), min(args.n, len(paths)), replace=False))
     images = torch.stack([torch.from_numpy(decode_rgb(paths[i].read_bytes())).permute(2, 0, 1) for i in pick])
@@ -111,13 +119,17 @@ def main() -> None:
                 np.save(f, features_ND)
             print(f"{variant}: {len(subset)} images at {speed[variant]:.1f} images/s", flush=True)
         feats[variant] = np.load(path)
-    if args.extract_only:
-        return
+    if not args.extract_only:
+        checks(feats, speed, args.root, args.seed, args.out)
 
-    rng_halves = [np.random.default_rng(s).permutation(len(images)) for s in (0, 1, 2)]
-    n2 = len(images) // 2
+
+def checks(feats: dict[str, np.ndarray], speed: dict, source: Path, seed: int, out: Path) -> None:
+    """FID of the ``tf1`` features against themselves, between halves (3 split seeds, and even/odd indices), KID
+    and precision/recall of the seed-0 halves; each other variant against ``tf1`` on the same images."""
     tf1 = feats["tf1"]
-    results: dict = {"images": len(images), "root": str(args.root), "seed": args.seed, "speed_images_per_s": speed}
+    rng_halves = [np.random.default_rng(s).permutation(len(tf1)) for s in (0, 1, 2)]
+    n2 = len(tf1) // 2
+    results: dict = {"images": len(tf1), "root": str(source), "seed": seed, "speed_images_per_s": speed}
     results["fid_self"] = fid(tf1, tf1)
     halves = [fid(tf1[p[:n2]], tf1[p[n2:]]) for p in rng_halves]
     results["fid_random_halves"] = halves
@@ -131,7 +143,7 @@ def main() -> None:
         if variant == "tf1":
             continue
         n = len(features_ND)
-        if n < len(images):  # the same images' first n, halves by one split of those
+        if n < len(tf1):  # the same images' first n, halves by one split of those
             p = np.random.default_rng(0).permutation(n)
             ours = fid(tf1[:n][p[: n // 2]], tf1[:n][p[n // 2 :]])
         else:
@@ -146,7 +158,7 @@ def main() -> None:
             "feature_relative_difference": float(np.linalg.norm(features_ND - tf1[:n]) / np.linalg.norm(tf1[:n])),
         }
         print(variant, json.dumps(results[variant]), flush=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 
 
