@@ -80,7 +80,7 @@ class Writes:
 
     def __init__(self, monkeypatch, workspace: Path, fail: str | None = None, error: int = errno.ENOSPC):
         import pipeline.models.weights
-        import pipeline.training.train
+        import pipeline.training.checkpoints
 
         self.workspace, self.fail, self.error, self.paths = workspace.resolve(), fail, error, []
         real_open = builtins.open
@@ -92,7 +92,7 @@ class Writes:
 
         monkeypatch.setattr(builtins, "open", opening)
         monkeypatch.setattr(io, "open", opening)
-        for module in (pipeline.training.train, pipeline.models.weights):
+        for module in (pipeline.training.checkpoints, pipeline.models.weights):
             monkeypatch.setattr(module, "save_file", self.saving(module.save_file))
 
     def saving(self, save_file: Callable) -> Callable:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from pipeline.training.train import resume, save_checkpoint, tidy_checkpoints
+from pipeline.training.checkpoints import resume, save_checkpoint, tidy_checkpoints
 from stages.cli import app
 from tests.faults import checkpoint_steps, kill_when, run_stage, stage_env
 from tests.workspace import write_params
