@@ -6,7 +6,6 @@ import builtins
 import errno
 import hashlib
 import io
-import json
 import os
 import signal
 import subprocess
@@ -185,14 +184,18 @@ def kill_when(workspace: Path, stage: str, ready: Callable[[], bool], timeout: f
 
 
 def checkpoint_steps(root: Path, since: float = 0.0) -> list[int]:
-    """Steps recorded by every ``latest.json`` under a checkpoint root written after ``since`` (any layout)."""
+    """The steps of the complete checkpoints under a checkpoint root whose ``state.json`` (a checkpoint's last
+    file) was written after ``since``."""
     steps = []
-    for pointer in root.rglob("latest.json"):
-        try:
-            if pointer.stat().st_mtime >= since:
-                steps.append(json.loads(pointer.read_text())["step"])
-        except (OSError, ValueError):  # replaced or pruned while we looked
-            continue
+    for parent, dirs, _ in os.walk(root):  # see newest_checkpoint: checkpoints appear and are pruned while we look
+        for name in dirs:
+            if not name.startswith("step-"):
+                continue
+            try:
+                if (Path(parent) / name / "state.json").stat().st_mtime >= since:
+                    steps.append(int(name.removeprefix("step-")))
+            except OSError:  # pruned while we looked
+                continue
     return steps
 
 

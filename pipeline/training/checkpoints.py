@@ -115,7 +115,7 @@ def save_checkpoint(
     optimizers: dict[str, torch.optim.Optimizer],
     keep: int,
 ) -> Path:
-    """Write ``root/<fingerprint>/step-XXXXXXXX`` atomically, point the run's ``latest.json`` at it, prune the run.
+    """Write ``root/<fingerprint>/step-XXXXXXXX`` atomically, then prune the run.
 
     Only this run's older checkpoints are pruned (to ``keep``): those of other fingerprints are other experiments'.
     """
@@ -138,8 +138,6 @@ def save_checkpoint(
             sizes[name] = (tmp / name).stat().st_size
         state = {"step": step, "fingerprint": fingerprint, "sizes": sizes, "optimizers": optim_meta, "rng": rng_meta}
         atomic.write_json(tmp / "state.json", state)
-    # The pointer moves once the checkpoint is in place and pruning keeps the newest: it never names a missing one.
-    atomic.write_json(run / "latest.json", {"step": step, "path": target.name, "fingerprint": fingerprint})
     for old in _checkpoints(run)[:-keep]:
         shutil.rmtree(old)
     return target
@@ -175,23 +173,10 @@ def tidy_checkpoints(root: Path, fingerprint: str) -> None:
     """Before a run (main process only): clear what killed runs left, and say which other runs' checkpoints stay.
 
     Half-written checkpoints (``.step-*.tmp-<pid>``) of dead processes are deleted; a checkpoint moved aside
-    (``.step-*.old-<pid>``) by a replacement that was killed half-way is put back. Checkpoints written before
-    each run had its own directory (``root/step-*``) move into their run's directory.
+    (``.step-*.old-<pid>``) by a replacement that was killed half-way is put back.
     """
     if not root.is_dir():
         return
-    for flat in _checkpoints(root):
-        try:
-            owner = json.loads((flat / "state.json").read_text())["fingerprint"]
-        except (OSError, ValueError, KeyError, TypeError):
-            log.warning("%s has no readable state.json: not a checkpoint this version can use; left as it is", flat)
-            continue
-        (root / owner).mkdir(exist_ok=True)
-        if (root / owner / flat.name).exists():
-            shutil.rmtree(flat)
-        else:
-            os.replace(flat, root / owner / flat.name)
-    (root / "latest.json").unlink(missing_ok=True)
     for leftover in (root / fingerprint).glob(".step-*"):
         name, _, pid = leftover.name[1:].rpartition("-")
         if not pid.isdigit() or _process_alive(int(pid)):
