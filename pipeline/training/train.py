@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Field, section
+from pipeline.data.loader import ShardLoader
 from pipeline.progress import Progress, Silent
 from pipeline.runtime import Dist, barrier, dist_from_env, init_distributed, resolve_device
 from pipeline.training.checkpoints import resume, save_checkpoint, tidy_checkpoints
@@ -106,8 +107,6 @@ def shard_training_loader(
 
     Resampled mode: every DDP rank yields the same number of batches, so ranks never disagree on the step count.
     """
-    from pipeline.data.loader import ShardLoader
-
     per_epoch = max(1, count // (cfg.batch_size * dist_from_env().world_size))
     loader = ShardLoader(
         urls,
@@ -168,9 +167,9 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
-    """Whether ``precision`` means bf16 autocast on ``device``. auto: where bf16 is native. On a 2-core CPU with
-    AVX512-BF16 and AMX the demo transformer's training step ran 1.37× and the reference classifier's 2.06× faster
-    in bf16 (bench/RESULTS.md); a CPU without them emulates bf16 and would run slower than fp32."""
+    """Whether ``precision`` means bf16 autocast on ``device``. auto: where bf16 is native, CUDA and CPUs with
+    AVX512-BF16 or AMX, where it trains faster than fp32 (bench/RESULTS.md, bench/precision.py); a CPU without
+    them emulates bf16 and would run slower than fp32."""
     if precision != "auto":
         return precision == "bf16"
     return device.type == "cuda" or (device.type == "cpu" and torch.cpu._is_avx512_bf16_supported())
@@ -217,6 +216,8 @@ def train(
     device = resolve_device(cfg.device)
     dist = init_distributed(device)
     torch.manual_seed(cfg.seed + dist.rank)
+    # modules: the task's models as checkpointed and saved; wrapped: the same, DDP-wrapped and compiled where
+    # trainable, as the forward and backward passes run them (their parameters are the modules').
     modules = task.modules()
     for module in modules.values():
         module.to(device)
@@ -247,7 +248,7 @@ def train(
     metrics: dict[str, float] = {}
     window_start, window_samples = time.perf_counter(), 0
     for step in range(start_step, cfg.steps):
-        micro = [task.to_device(next(batches), device) for _ in range(accumulation)]
+        micro_batches = [task.to_device(next(batches), device) for _ in range(accumulation)]
         factor = lr_factor(step, cfg)
         logs: dict[str, float] = {"lr": cfg.lr * factor}
         for phase in phases:
@@ -255,7 +256,7 @@ def train(
                 group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
             phase.optimizer.zero_grad(set_to_none=True)
             phase_logs, stepping = [], False
-            for i, batch in enumerate(micro):
+            for i, batch in enumerate(micro_batches):
                 with autocast_context(cfg, device):
                     loss, batch_logs = phase.loss(batch, step)
                 phase_logs.append(batch_logs)
@@ -277,7 +278,7 @@ def train(
                 norm = torch.nn.utils.clip_grad_norm_(phase.parameters, cfg.grad_clip)
                 logs[f"grad_norm_{phase.name}"] = float(norm)
             phase.optimizer.step()
-        logs.update(task.after_step(step, micro[-1]))
+        logs.update(task.after_step(step, micro_batches[-1]))
         window_samples += cfg.batch_size * accumulation * dist.world_size
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
@@ -317,6 +318,8 @@ def _mean_logs(logs: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _wrap(modules: dict[str, nn.Module], dist: Dist, device: torch.device, cfg: TrainConfig) -> dict[str, nn.Module]:
+    """Each module as training runs it: DDP-wrapped under torchrun and compiled with ``cfg.compile``, if it has
+    trainable parameters (an EMA copy has none: it stays as it is)."""
     wrapped = {}
     for name, module in modules.items():
         trainable = any(p.requires_grad for p in module.parameters())
