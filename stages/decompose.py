@@ -7,16 +7,15 @@ from typing import Annotated
 
 import typer
 
+from stages import paths
 from stages.common import ParamsOption, console, load, one_run_at_a_time, progress, reports_errors, summary
-
-IN, OUT, REPORTS = Path("data/shards"), Path("data/decomposed"), Path("reports/decompose")
 
 
 @reports_errors
 @one_run_at_a_time("decompose")
 def command(
     params: ParamsOption = Path("params.yaml"),
-    inp: Annotated[Path, typer.Option("--in", help="Image shards written by `cart shard`.")] = IN,
+    inp: Annotated[Path, typer.Option("--in", help="Image shards written by `cart shard`.")] = paths.SHARDS,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -24,7 +23,9 @@ def command(
             "the figure's PNG path (default decomposition.png)."
         ),
     ] = None,
-    reports: Annotated[Path, typer.Option(help="Where the Figure-3 previews of val images go.")] = REPORTS,
+    reports: Annotated[
+        Path, typer.Option(help="Where the Figure-3 previews of val images go.")
+    ] = paths.DECOMPOSE_REPORTS,
     preview: Annotated[
         Path | None,
         typer.Option(help="Instead of the stage: decompose this one image file and draw its Figure 3 to --out."),
@@ -42,7 +43,7 @@ def command(
     if preview is not None:
         _preview(preview, out or Path("decomposition.png"), cfg)
         return
-    out = out or OUT
+    out = out or paths.DECOMPOSED
     from pipeline.data.decomposed import decompose_splits
 
     with progress() as bar:

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stages import paths
 from stages.common import ParamsOption, load, one_run_at_a_time, progress, reports_errors, summary
 
 PATHS = dict(
-    shards=Path("data/shards"),
-    tokens=Path("data/tokens"),
-    tokenizer=Path("models/tokenizer/tokenizer"),
-    transformer=Path("models/transformer/transformer"),
-    evaluator=Path("models/evaluator/evaluator"),
-    evaluator_2x=Path("models/evaluator/evaluator_2x"),
-    metrics=Path("metrics/eval.json"),
-    speed=Path("metrics/sampling_speed.json"),
-    reports=Path("reports/evaluate"),
+    shards=paths.SHARDS,
+    tokens=paths.TOKENS,
+    tokenizer=paths.TOKENIZER,
+    transformer=paths.TRANSFORMER,
+    evaluator=paths.EVALUATOR,
+    evaluator_2x=paths.EVALUATOR_2X,
+    metrics=paths.EVAL_METRICS,
+    speed=paths.SAMPLING_SPEED,
+    reports=paths.EVALUATE_REPORTS,
 )
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stages import paths
 from stages.common import ParamsOption, load, one_run_at_a_time, progress, reports_errors, summary
-
-IN, OUT, TOKENIZER = Path("data/decomposed"), Path("data/tokens"), Path("models/tokenizer/tokenizer")
 
 
 @reports_errors
@@ -23,14 +22,14 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
 
     cfg = load(params).tokens
     with progress() as bar:
-        manifest = extract_tokens(TOKENIZER, IN, OUT, cfg, bar)
+        manifest = extract_tokens(paths.TOKENIZER, paths.DECOMPOSED, paths.TOKENS, cfg, bar)
     if manifest is None:
         return  # a torchrun rank other than 0: rank 0 wrote the manifest and reports
     maps = manifest["layout"]["maps"]
     base = [f"{m['h']}×{m['w']}" for m in maps if m["kind"] == "base"]
     detail = [f"D{m['level']} {m['h']}×{m['w']}" for m in maps if m["kind"] == "detail"]
     summary(
-        f"extract-tokens → {OUT}",
+        f"extract-tokens → {paths.TOKENS}",
         [
             ("images", ", ".join(f"{s} {v['count']}" for s, v in manifest["splits"].items())),
             ("tokens per image", manifest["layout"]["num_tokens"]),

@@ -8,9 +8,8 @@ from typing import Annotated
 
 import typer
 
+from stages import paths
 from stages.common import ParamsOption, console, load, reports_errors
-
-MODEL = Path("models/transformer/transformer")
 
 
 def _classes(text: str | None, names: list[str]) -> list[int]:
@@ -31,7 +30,7 @@ def command(
     params: ParamsOption = Path("params.yaml"),
     checkpoint: Annotated[
         Path, typer.Option(help="Transformer weights: the stem of <stem>.safetensors + <stem>.json.")
-    ] = MODEL,
+    ] = paths.TRANSFORMER,
     tokenizer: Annotated[
         Path | None, typer.Option(help="Tokenizer stem (default: the one the transformer was trained with).")
     ] = None,

@@ -8,10 +8,10 @@ from typing import Annotated
 
 import typer
 
+from stages import paths
 from stages.common import ParamsOption, console, load, one_run_at_a_time, progress, reports_errors, summary
 
 CHUNK = 1024  # images per resumable part of `reference-stats`
-MODEL, OUT, METRICS = Path("models/transformer/transformer"), Path("samples/fid"), Path("metrics/fid.json")
 
 
 @reports_errors
@@ -20,9 +20,9 @@ def command(
     params: ParamsOption = Path("params.yaml"),
     checkpoint: Annotated[
         Path, typer.Option(help="Transformer weights: the stem of <stem>.safetensors + <stem>.json.")
-    ] = MODEL,
-    out: Annotated[Path, typer.Option(help="Where the PNGs, samples.npz and recipe.json go.")] = OUT,
-    metrics: Annotated[Path, typer.Option(help="The FID and the sampling recipe, as JSON.")] = METRICS,
+    ] = paths.TRANSFORMER,
+    out: Annotated[Path, typer.Option(help="Where the PNGs, samples.npz and recipe.json go.")] = paths.FID_SAMPLES,
+    metrics: Annotated[Path, typer.Option(help="The FID and the sampling recipe, as JSON.")] = paths.FID_METRICS,
 ) -> None:
     """Sample `sample_fid.per_class` images of every class and measure their FID against `evaluate.reference_stats`.
 
@@ -108,7 +108,7 @@ def reference_stats_command(
         paths, pixels = folder_images(images)
         source, count = f"folder {images} ({len(paths)} images, sorted paths)", len(paths)
     else:
-        dirs = split or [Path("data/shards/val")]
+        dirs = split or [paths.SHARDS / "val"]
         urls = [url for directory in dirs for url in split_shards(directory)]
         if not urls:
             raise FileNotFoundError(f"no shards (shard-*.tar) in {', '.join(map(str, dirs))}")

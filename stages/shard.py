@@ -7,16 +7,17 @@ from typing import Annotated
 
 import typer
 
+from stages import paths
 from stages.common import ParamsOption, console, load, one_run_at_a_time, progress, reports_errors, summary
-
-OUT = Path("data/shards")
 
 
 @reports_errors
 @one_run_at_a_time("shard")
 def command(
     params: ParamsOption = Path("params.yaml"),
-    out: Annotated[Path, typer.Option(help="Output directory (replaced atomically when the stage succeeds).")] = OUT,
+    out: Annotated[
+        Path, typer.Option(help="Output directory (replaced atomically when the stage succeeds).")
+    ] = paths.SHARDS,
 ) -> None:
     """Decode, convert to RGB, resize and centre-crop every image of `data.source` into WebDataset shards.
 

@@ -5,15 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from stages import paths
 from stages.common import ParamsOption, load, one_run_at_a_time, progress, reports_errors, summary
-
-SHARDS = Path("data/shards")
-MODEL = Path("models/evaluator/evaluator")
-MODEL_2X = Path("models/evaluator/evaluator_2x")
-CHECKPOINTS, LIVE = Path("models/checkpoints/evaluator"), Path("metrics/train_evaluator")
-# The 2× network's runs: checkpoints and logs apart from the 1× network's.
-CHECKPOINTS_2X, LIVE_2X = Path("models/checkpoints/evaluator_2x"), Path("metrics/train_evaluator_2x")
-METRICS = Path("metrics/evaluator.json")
 
 
 @reports_errors
@@ -35,10 +28,11 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
     from pipeline.training.train import RunPaths
 
     p = load(params)
-    manifest = json.loads((SHARDS / "manifest.json").read_text())
+    manifest = json.loads((paths.SHARDS / "manifest.json").read_text())
     scale = manifest.get("highres_scale", 0)
-    train_urls, val_urls, classes = list_shards(SHARDS / "train"), split_shards(SHARDS / "val"), manifest["classes"]
-    MODEL.parent.mkdir(parents=True, exist_ok=True)
+    train_urls, val_urls = list_shards(paths.SHARDS / "train"), split_shards(paths.SHARDS / "val")
+    classes = manifest["classes"]
+    paths.EVALUATOR.parent.mkdir(parents=True, exist_ok=True)
     with progress() as bar:
         result = train_evaluator(
             p.evaluator,
@@ -46,8 +40,8 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
             val_urls,
             len(classes),
             manifest["resolution"],
-            MODEL,
-            RunPaths(CHECKPOINTS, LIVE),
+            paths.EVALUATOR,
+            RunPaths(paths.EVALUATOR_CHECKPOINTS, paths.EVALUATOR_LIVE),
             bar,
         )
         if scale > 1:  # the same recipe on the real 2× images: the feature network of the *_2x metrics
@@ -57,15 +51,15 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
                 val_urls,
                 len(classes),
                 scale * manifest["resolution"],
-                MODEL_2X,
-                RunPaths(CHECKPOINTS_2X, LIVE_2X),
+                paths.EVALUATOR_2X,
+                RunPaths(paths.EVALUATOR_2X_CHECKPOINTS, paths.EVALUATOR_2X_LIVE),
                 bar,
                 highres_count=manifest["splits"]["train"]["highres_count"],
             )
             result |= {f"{k}_{scale}x": v for k, v in hr.items() if k != "chance_accuracy"}
     if not dist_from_env().is_main:
         return
-    atomic.write_json(METRICS, result)
+    atomic.write_json(paths.EVALUATOR_METRICS, result)
     rows = [("accuracy", f"{result['val_accuracy']:.3f} (chance {result['chance_accuracy']:.3f})")]
     if scale > 1:
         rows.append((f"accuracy at {scale}×", f"{result[f'val_accuracy_{scale}x']:.3f}"))

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stages import paths
 from stages.common import ParamsOption, console, load, one_run_at_a_time, progress, reports_errors, summary
 
 PATHS = dict(
-    data=Path("data/decomposed"),
-    shards=Path("data/shards"),
-    models=Path("models/tokenizer"),
-    checkpoints=Path("models/checkpoints/tokenizer"),
-    live=Path("metrics/train_tokenizer"),
-    metrics=Path("metrics/tokenizer.json"),
-    reports=Path("reports/tokenizer"),
+    data=paths.DECOMPOSED,
+    shards=paths.SHARDS,
+    models=paths.TOKENIZER.parent,
+    checkpoints=paths.TOKENIZER_CHECKPOINTS,
+    live=paths.TOKENIZER_LIVE,
+    metrics=paths.TOKENIZER_METRICS,
+    reports=paths.TOKENIZER_REPORTS,
 )
 
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stages import paths
 from stages.common import ParamsOption, console, load, one_run_at_a_time, progress, reports_errors, summary
 
 PATHS = dict(
-    tokens=Path("data/tokens"),
-    tokenizer=Path("models/tokenizer/tokenizer"),
-    model=Path("models/transformer/transformer"),
-    checkpoints=Path("models/checkpoints/transformer"),
-    live=Path("metrics/train_transformer"),
-    metrics=Path("metrics/transformer.json"),
+    tokens=paths.TOKENS,
+    tokenizer=paths.TOKENIZER,
+    model=paths.TRANSFORMER,
+    checkpoints=paths.TRANSFORMER_CHECKPOINTS,
+    live=paths.TRANSFORMER_LIVE,
+    metrics=paths.TRANSFORMER_METRICS,
 )
 
 

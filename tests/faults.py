@@ -6,7 +6,6 @@ import builtins
 import errno
 import hashlib
 import io
-import json
 import os
 import signal
 import subprocess
@@ -80,7 +79,7 @@ class Writes:
 
     def __init__(self, monkeypatch, workspace: Path, fail: str | None = None, error: int = errno.ENOSPC):
         import pipeline.models.weights
-        import pipeline.training.train
+        import pipeline.training.checkpoints
 
         self.workspace, self.fail, self.error, self.paths = workspace.resolve(), fail, error, []
         real_open = builtins.open
@@ -92,7 +91,7 @@ class Writes:
 
         monkeypatch.setattr(builtins, "open", opening)
         monkeypatch.setattr(io, "open", opening)
-        for module in (pipeline.training.train, pipeline.models.weights):
+        for module in (pipeline.training.checkpoints, pipeline.models.weights):
             monkeypatch.setattr(module, "save_file", self.saving(module.save_file))
 
     def saving(self, save_file: Callable) -> Callable:
@@ -185,14 +184,18 @@ def kill_when(workspace: Path, stage: str, ready: Callable[[], bool], timeout: f
 
 
 def checkpoint_steps(root: Path, since: float = 0.0) -> list[int]:
-    """Steps recorded by every ``latest.json`` under a checkpoint root written after ``since`` (any layout)."""
+    """The steps of the complete checkpoints under a checkpoint root whose ``state.json`` (a checkpoint's last
+    file) was written after ``since``."""
     steps = []
-    for pointer in root.rglob("latest.json"):
-        try:
-            if pointer.stat().st_mtime >= since:
-                steps.append(json.loads(pointer.read_text())["step"])
-        except (OSError, ValueError):  # replaced or pruned while we looked
-            continue
+    for parent, dirs, _ in os.walk(root):  # see newest_checkpoint: checkpoints appear and are pruned while we look
+        for name in dirs:
+            if not name.startswith("step-"):
+                continue
+            try:
+                if (Path(parent) / name / "state.json").stat().st_mtime >= since:
+                    steps.append(int(name.removeprefix("step-")))
+            except OSError:  # pruned while we looked
+                continue
     return steps
 
 

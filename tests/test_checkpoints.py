@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from pipeline.training.train import resume, save_checkpoint, tidy_checkpoints
+from pipeline.training.checkpoints import resume, save_checkpoint, tidy_checkpoints
 from stages.cli import app
 from tests.faults import checkpoint_steps, kill_when, run_stage, stage_env
 from tests.workspace import write_params
@@ -80,16 +79,16 @@ def save_steps(root: Path, fingerprint: str, steps: list[int], keep: int = 2) ->
     return saved
 
 
-def test_a_run_prunes_only_its_own_checkpoints_and_its_latest_json_names_one_on_disk(tmp_path):
-    save_steps(tmp_path, "experiment-a", [400, 500])
-    save_steps(tmp_path, "experiment-b", [100, 200, 300])
-    assert sorted(p.name for p in (tmp_path / "experiment-a").glob("step-*")) == ["step-00000400", "step-00000500"]
-    assert sorted(p.name for p in (tmp_path / "experiment-b").glob("step-*")) == ["step-00000200", "step-00000300"]
-    for run in ("experiment-a", "experiment-b"):
-        latest = json.loads((tmp_path / run / "latest.json").read_text())
-        assert (tmp_path / run / latest["path"] / "state.json").exists()
-    modules, optimizers = net_and_optimizer(seed=1)
-    assert resume(tmp_path, "experiment-b", modules, optimizers, restore_rng=False) == 300
+def test_a_run_prunes_only_its_own_checkpoints_and_resumes_from_its_newest(tmp_path):
+    saved_a = save_steps(tmp_path, "experiment-a", [400, 500])
+    saved_b = save_steps(tmp_path, "experiment-b", [100, 200, 300])
+    # A run's directory holds its kept checkpoints and nothing else.
+    assert sorted(p.name for p in (tmp_path / "experiment-a").iterdir()) == ["step-00000400", "step-00000500"]
+    assert sorted(p.name for p in (tmp_path / "experiment-b").iterdir()) == ["step-00000200", "step-00000300"]
+    for run, step, saved in (("experiment-a", 500, saved_a), ("experiment-b", 300, saved_b)):
+        modules, optimizers = net_and_optimizer(seed=1)
+        assert resume(tmp_path, run, modules, optimizers, restore_rng=False) == step
+        assert same(weights(modules), saved[step])
 
 
 def test_a_run_starting_says_that_other_experiments_checkpoints_are_kept_there(tmp_path, caplog):
@@ -170,21 +169,10 @@ def test_leftovers_of_killed_runs_are_cleared_and_a_checkpoint_moved_aside_is_pu
     shutil.copytree(tmp_path / "run" / "step-00000008", half_written)
     os.replace(tmp_path / "run" / "step-00000008", tmp_path / "run" / f".step-00000008.old-{dead}")
     tidy_checkpoints(tmp_path, "run")
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["latest.json", "step-00000004", "step-00000008"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["step-00000004", "step-00000008"]
     modules, optimizers = net_and_optimizer(seed=1)
     assert resume(tmp_path, "run", modules, optimizers, restore_rng=False) == 8
     assert same(weights(modules), saved[8])
-
-
-def test_checkpoints_of_the_flat_layout_move_into_their_runs_directory(tmp_path):
-    saved = save_steps(tmp_path, "run", [4])
-    os.replace(tmp_path / "run" / "step-00000004", tmp_path / "step-00000004")
-    os.replace(tmp_path / "run" / "latest.json", tmp_path / "latest.json")
-    tidy_checkpoints(tmp_path, "run")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
-    modules, optimizers = net_and_optimizer(seed=1)
-    assert resume(tmp_path, "run", modules, optimizers, restore_rng=False) == 4
-    assert same(weights(modules), saved[4])
 
 
 def dead_pid() -> int:

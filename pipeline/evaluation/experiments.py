@@ -28,6 +28,8 @@ ABSENT = _Absent()
 
 # Keys added with a default other than what the runs before them did: a run whose params.yaml lacks the key ran
 # with this value (only where the key applies: the diffusion head's variance means nothing to a softmax run).
+# Kept for users' records: the runs read here are a user's `dvc exp` runs and commits (none of this repository's
+# committed params.yaml has head diffusion without the key), which cannot be re-recorded with the key.
 PREDATING = {"transformer.diffusion.variance": ("transformer.head", "diffusion", "fixed")}
 
 

@@ -387,8 +387,10 @@ def build_model(
 
 
 def run_settings(cfg: TransformerConfig) -> dict[str, Any]:
-    """The params a run's checkpoint fingerprint hashes. Options that are off are left out, so that a run without
-    them keeps the fingerprint it had before they existed (and resumes from its checkpoints)."""
+    """The params a run's checkpoint fingerprint hashes. The settings of options that are off are left out: a
+    change to a setting the run does not use (self_correction.ratio at p 0, the diffusion head's with the softmax
+    head) keeps its checkpoints. Kept for users' files too: a run without these options has the fingerprint it had
+    before they existed, so checkpoints written then (a user's, in models/checkpoints) still resume."""
     settings = {"model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train)}
     if not cfg.train.self_correction.p:
         del settings["train"]["self_correction"]
