@@ -20,6 +20,7 @@ cache, guidance rows) is the same for all.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -284,8 +285,11 @@ class CART(nn.Module):
         lengths = torch.tensor(layout.lengths, device="cpu")
         level_L = torch.repeat_interleave(torch.tensor(level_ids, device="cpu"), lengths)
         self.register_buffer("level_L", level_L, persistent=False)
-        mask_LL = block_causal_mask(layout.lengths if cfg.prediction == "next_map" else [1] * layout.num_tokens)
-        self.register_buffer("mask_LL", mask_LL, persistent=False)
+        # The tokens predicted at once, step by step: every map's (next-map) or one (next-token). A token sees
+        # its own step and the ones before it.
+        self.step_lengths = layout.lengths if cfg.prediction == "next_map" else [1] * layout.num_tokens
+        self.step_ends = set(itertools.accumulate(self.step_lengths))
+        self.register_buffer("mask_LL", block_causal_mask(self.step_lengths), persistent=False)
         # One GEMM yields every block's six AdaLN vectors and the head's two: the class is all they depend on.
         self.ada_lin = nn.Linear(C, (6 * cfg.depth + 2) * C)
         rates = torch.linspace(0, cfg.resolved_drop_path, cfg.depth, device="cpu").tolist()  # VAR's linear rule
@@ -355,7 +359,7 @@ class CART(nn.Module):
     @property
     def start_length(self) -> int:
         """Tokens predicted from the class alone: map 0's (next-map), or the first token (next-token)."""
-        return self.layout.lengths[0] if self.cfg.prediction == "next_map" else 1
+        return self.step_lengths[0]
 
     def start_tokens(self, cond_BC: torch.Tensor) -> torch.Tensor:
         """The first inputs: the class embedding at every position of the first map (or the first token)."""
@@ -396,7 +400,7 @@ class CART(nn.Module):
             label_B = torch.where(dropped_B, self.unconditional, label_B)
         L0 = self.start_length
         L = L0 + x_BlC.shape[1]
-        if self.cfg.prediction == "next_map" and L not in self.layout.offsets:
+        if L not in self.step_ends:
             raise ValueError(f"{x_BlC.shape[1]} input tokens are not the inputs of whole maps 1 … m")
         cond_BC, mod_B1KC = self.condition(label_B)
         with torch.autocast(x_BlC.device.type, enabled=False):  # embeddings in fp32 whatever the precision, as VAR
