@@ -132,6 +132,10 @@ class SoftmaxHead(CodeHead):
         """The keyword arguments of ``build_model`` that build this head afresh."""
         return {}
 
+    def metrics(self) -> dict[str, Any]:
+        """What ``metrics/transformer.json`` records of the head (nothing)."""
+        return {}
+
 
 class CoarseToFineHead(CodeHead):
     """Logits over the K coarse labels, then the fine head's over the codes of the label (``pipeline.models.coarse``).
@@ -187,6 +191,9 @@ class CoarseToFineHead(CodeHead):
 
     def options(self) -> dict[str, Any]:
         return {"coarse_V": self.fine.cluster_V}
+
+    def metrics(self) -> dict[str, Any]:
+        return {"coarse_clusters": self.fine.clusters}  # k-means may leave fewer than asked for
 
 
 class ContinuousHead(nn.Module):
@@ -252,6 +259,9 @@ class ContinuousHead(nn.Module):
 
     def options(self) -> dict[str, Any]:
         return {"diffusion": self.denoiser.cfg}
+
+    def metrics(self) -> dict[str, Any]:
+        return {}
 
 
 Head = SoftmaxHead | CoarseToFineHead | ContinuousHead

@@ -457,7 +457,7 @@ def train_transformer(
         "tokens": model.layout.num_tokens,
         "maps": model.layout.num_maps,
         "train_flops_per_image": 3 * forward_flops(model, 1, 1),
-        **({"coarse_clusters": model.fine.clusters} if model.fine is not None else {}),
+        **model.head.metrics(),
     }
     if "val/acc" not in after:  # continuous tokens have no accuracy; their val loss is the diffusion loss
         del result["val_acc"], result["val_acc_per_map"]
