@@ -16,10 +16,19 @@ import torch
 
 from pipeline.models.coarse import codebook_clusters
 from pipeline.models.tokenizer import Tokenizer
-from pipeline.models.transformer import CART, SamplingConfig, TransformerModelConfig, generate
+from pipeline.models.transformer import (
+    CART,
+    SamplingConfig,
+    TransformerModelConfig,
+    generate,
+    load_transformer,
+    save_transformer,
+)
 from pipeline.training.transformer_training import TransformerTask
+from stages.cli import app
 from tests.test_continuous import HEAD, SMALL, continuous_tokenizer
 from tests.test_transformer import NUM_CLASSES, TINY, TOKENIZER, make_tokenizer, random_indices
+from tests.test_var_checkpoints import import_cli, runner, var_transformer_state_dict, var_vae_state_dict
 
 KINDS = ("softmax", "coarse", "next_token", "diffusion")
 CONFIGS = {
@@ -152,3 +161,23 @@ def test_every_head_names_initialises_trains_and_samples_as_before_the_interface
 if __name__ == "__main__":
     torch.set_num_threads(1)
     print({kind: observe(kind) for kind in KINDS})
+
+
+@pytest.mark.parametrize(
+    "options, head", [({"clusters": 4}, "coarse-to-fine head"), ({"diffusion": HEAD}, "diffusion head")]
+)
+def test_export_var_refuses_a_head_other_than_the_softmax_naming_it(tmp_path, options, head):
+    vae, var = tmp_path / "vae.pth", tmp_path / "var.pth"
+    torch.save(var_vae_state_dict(), vae)
+    torch.save(var_transformer_state_dict(), var)
+    assert import_cli(vae, var, tmp_path / "imported").exit_code == 0
+    imported = tmp_path / "imported"
+    softmax, _ = load_transformer(imported / "transformer")
+    other = CART(
+        softmax.cfg, softmax.layout, softmax.num_classes, softmax.codebook_size, softmax.latent_channels, **options
+    )
+    save_transformer(tmp_path / "other", other)
+    args = ["export-var", "--tokenizer", str(imported / "tokenizer"), "--transformer", str(tmp_path / "other")]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "exported")])
+    assert result.exit_code == 2 and f"a {head}, which VAR's code has no place for" in " ".join(result.output.split())
+    assert not (tmp_path / "exported").exists()
