@@ -42,7 +42,7 @@ def transformer_step(params: Path) -> Callable[[bool], None]:
 
     def step(bf16: bool) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits_BLV = model(label_B, x_BlC)
+            logits_BLV = model.head(model.hidden(label_B, x_BlC))
         F.cross_entropy(logits_BLV.float().flatten(0, 1), target_BL.flatten()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

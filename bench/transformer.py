@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
@@ -329,9 +328,8 @@ def training_step(setup: Setup, device: torch.device, precision: str, compile_mo
     optimizer = torch.optim.AdamW(decay_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=True)
 
     def step():
-        with autocast(device, precision):
-            logits_BLV = step_model(label_B, x_BlC)
-        loss = F.cross_entropy(logits_BLV.float().flatten(0, 1), target_BL.flatten())
+        with autocast(device, precision):  # the training loop's forward: the trunk and the head's loss
+            loss = step_model(label_B, x_BlC, target_BL).loss_BL.mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

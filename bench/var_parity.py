@@ -88,7 +88,7 @@ def compare(patch_nums, resolution, V=256, Cz=16, ch=32, depth=4, classes=10, B=
         out["reconstruction_max_abs_diff"] = float((rec_theirs - (tokenizer.reconstruct(ours) * 2 - 1)).abs().max())
         x_theirs, x_ours = vae.quantize.idxBl_to_var_input(theirs), tokenizer.teacher_forcing_inputs(ours)
         out["teacher_forcing_inputs_max_abs_diff"] = float((x_theirs - x_ours).abs().max())
-        logits_theirs, logits_ours = var(label_B, x_theirs), model(label_B, x_ours)
+        logits_theirs, logits_ours = var(label_B, x_theirs), model.head(model.hidden(label_B, x_ours))
         out["logits_max_abs_diff_relative"] = float(
             (logits_theirs - logits_ours).abs().max() / logits_theirs.abs().max()
         )

@@ -155,7 +155,7 @@ def map_labels(layout) -> list[str]:
 
 def make_plan(params) -> Plan:
     """Sizes, FLOPs, GPU-hours and training memory of the runs ``params`` describe."""
-    from pipeline.models.transformer import forward_flops
+    from pipeline.models.transformer import forward_flops, sampling_flops
 
     cfg = params.plan
     classes, train_images = dataset_size(params)
@@ -169,13 +169,8 @@ def make_plan(params) -> Plan:
     transformer_train = 3 * forward_flops(transformer, 1, 1)
     recompute = 4 / 3 if t.checkpoint_activations else 1.0
     sampling = params.transformer.sampling.resolved()
-    rows = 2 if sampling.guidance != 1.0 else 1
-    # KV-cached sampling runs every token through the trunk once; guidance doubles the rows (cond and uncond). The
-    # softmax head runs on the guided mix only; a diffusion head on both rows, once per reverse step.
-    if transformer.diffusion is None:
-        sample = forward_flops(transformer, rows, 1) + decode
-    else:
-        sample = forward_flops(transformer, rows, rows, sampling.diffusion_steps) + decode
+    guided = sampling.guidance != 1.0
+    sample = sampling_flops(transformer, guided, sampling.diffusion_steps) + decode
 
     # The tokenizer: every level encoded (the image and its n bases), the image decoded and the sampled prefixes.
     k = params.tokenizer
@@ -188,7 +183,7 @@ def make_plan(params) -> Plan:
         return train_cfg.steps * train_cfg.batch_size * train_cfg.grad_accumulation * cfg.gpus
 
     global_batch = t.batch_size * t.grad_accumulation * cfg.gpus
-    sampling_note = "guided: 2 rows" if rows == 2 else "unguided"
+    sampling_note = "guided: 2 rows" if guided else "unguided"
     runs = [
         Run("train_tokenizer", seen(k.train), tokenizer_train, f"{variants} tokenizer(s); LPIPS and GAN not counted"),
         Run("extract_tokens", train_images, (order + 1) * encode, f"{order + 1} encoder pass(es) per image"),

@@ -20,7 +20,7 @@ from pipeline.models.transformer import (
     save_transformer,
 )
 from pipeline.training.self_correction import SelfCorrectionConfig, self_correct
-from pipeline.training.transformer_training import TransformerConfig, TransformerTask, run_settings, token_losses
+from pipeline.training.transformer_training import TransformerConfig, TransformerTask, run_settings
 from tests.test_transformer import NUM_CLASSES, TINY, TOKENIZER, make_model, make_tokenizer, random_indices
 
 V = TOKENIZER.codebook_size
@@ -47,12 +47,13 @@ def test_the_ctf_loss_is_the_nll_of_a_distribution_over_the_whole_codebook(order
     indices = random_indices(tokenizer, 2)
     idx_BL = torch.cat([i.flatten(1) for i in indices], dim=1)
     label_B, x_BlC = torch.tensor([1, 3]), tokenizer.teacher_forcing_inputs(indices)
-    loss_BL, correct_BL, parts = token_losses(model, model, label_B, x_BlC, idx_BL)
+    loss_BL, correct_BL, parts = model(label_B, x_BlC, idx_BL)
     cluster_V = model.fine.cluster_V
     log_p_BLV = torch.zeros(*idx_BL.shape, V)
     for k in range(model.fine.clusters):  # the joint, code by code, each under its own label
         coarse_BL = torch.full_like(idx_BL, k)
-        logits_BLK, fine_BLV = model(label_B, x_BlC, coarse_BL=coarse_BL)
+        h_BLC = model.hidden(label_B, x_BlC)
+        logits_BLK, fine_BLV = model.head(h_BLC), model.fine(h_BLC, coarse_BL)
         joint_BLV = logits_BLK.log_softmax(-1)[..., k : k + 1] + model.fine.restrict(fine_BLV, coarse_BL).log_softmax(
             -1
         )
@@ -61,9 +62,9 @@ def test_the_ctf_loss_is_the_nll_of_a_distribution_over_the_whole_codebook(order
     torch.testing.assert_close(loss_BL, -log_p_BLV.gather(-1, idx_BL[..., None])[..., 0])
     torch.testing.assert_close(parts["loss_coarse"] + parts["loss_fine"], loss_BL.mean())
     # Greedy: the likeliest label, then its likeliest code.
-    logits_BLK = model(label_B, x_BlC)
-    greedy_k = logits_BLK.argmax(-1)
-    greedy_v = model.fine.restrict(model(label_B, x_BlC, coarse_BL=greedy_k)[1], greedy_k).argmax(-1)
+    h_BLC = model.hidden(label_B, x_BlC)
+    greedy_k = model.head(h_BLC).argmax(-1)
+    greedy_v = model.fine.restrict(model.fine(h_BLC, greedy_k), greedy_k).argmax(-1)
     assert torch.equal(correct_BL, greedy_v == idx_BL)
 
 
@@ -79,9 +80,12 @@ def test_save_then_load_keeps_the_clusters_and_the_logits(tmp_path):
     indices = random_indices(tokenizer, 2)
     x_BlC, label_B = tokenizer.teacher_forcing_inputs(indices), torch.tensor([0, 2])
     coarse_BL = model.fine.cluster_V[torch.cat([i.flatten(1) for i in indices], dim=1)]
-    for a, b in zip(
-        loaded(label_B, x_BlC, coarse_BL=coarse_BL), model(label_B, x_BlC, coarse_BL=coarse_BL), strict=True
-    ):
+
+    def outputs(m: CART) -> tuple[torch.Tensor, torch.Tensor]:  # the label logits, the fine logits given the labels
+        h_BLC = m.hidden(label_B, x_BlC)
+        return m.head(h_BLC), m.fine(h_BLC, coarse_BL)
+
+    for a, b in zip(outputs(loaded), outputs(model), strict=True):
         assert torch.equal(a, b)
 
 
@@ -98,8 +102,8 @@ def test_off_means_todays_model_weights_file_and_loss(tmp_path):
     indices = random_indices(tokenizer, 2)
     idx_BL = torch.cat([i.flatten(1) for i in indices], dim=1)
     x_BlC, label_B = tokenizer.teacher_forcing_inputs(indices), torch.tensor([0, 1])
-    logits_BLV = today(label_B, x_BlC)
-    loss_BL, correct_BL, parts = token_losses(off, off, label_B, x_BlC, idx_BL)
+    logits_BLV = today.head(today.hidden(label_B, x_BlC))
+    loss_BL, correct_BL, parts = off(label_B, x_BlC, idx_BL)
     assert torch.equal(loss_BL, F.cross_entropy(logits_BLV.transpose(1, 2), idx_BL, reduction="none")) and not parts
     assert torch.equal(correct_BL, logits_BLV.argmax(-1) == idx_BL)
 
@@ -173,7 +177,7 @@ def test_with_p_0_training_is_todays_exactly():
     rng_after = torch.get_rng_state()
     model.zero_grad()
     torch.manual_seed(5)  # today's loss, written out
-    logits_BLV = model(label_B, tokenizer.teacher_forcing_inputs(split_maps(idx_BL, model.layout)))
+    logits_BLV = model.head(model.hidden(label_B, tokenizer.teacher_forcing_inputs(split_maps(idx_BL, model.layout))))
     today = F.cross_entropy(logits_BLV.float().transpose(1, 2), idx_BL, reduction="none").mean()
     today.backward()
     assert torch.equal(loss, today) and torch.equal(rng_after, torch.get_rng_state())

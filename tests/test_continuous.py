@@ -128,15 +128,6 @@ def mixture(label_N: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.where(label_N[:, None] == 0, zero, one)
 
 
-@pytest.fixture
-def one_thread():
-    """Hundreds of tiny steps: thread hand-offs would cost more than the arithmetic (40× on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_the_head_learns_a_known_2d_mixture_per_condition(one_thread):
     torch.manual_seed(0)
     head = DiffusionHead(DiffusionConfig(width=64, depth=2, draws=4, timesteps=1000), channels=2, cond_width=4)
@@ -241,7 +232,6 @@ def test_a_transformer_saved_without_the_variance_setting_loads_with_the_fixed_v
     assert loaded.diffusion.cfg.variance == "fixed" and loaded.diffusion.output.out_features == SMALL.latent_channels
 
 
-
 def test_init_from_a_fixed_variance_head_copies_its_velocity_rows_into_a_learned_variance_head(tmp_path):
     from pipeline.training.transformer_training import init_transformer_from
 
@@ -263,6 +253,7 @@ def test_init_from_a_fixed_variance_head_copies_its_velocity_rows_into_a_learned
         assert torch.equal(ours[:C], theirs) and not ours[C:].any()  # variance rows: unit variance, as initialised
     assert any(entry.startswith("diffusion.output.weight") for entry in report.partly)
     assert "diffusion.output.weight" not in report.fresh
+
 
 # -- the transformer with the diffusion head --------------------------------------------------------------------
 
@@ -290,7 +281,7 @@ def reference_sample(model: CART, tokenizer: Tokenizer, label_B, cfg: SamplingCo
             tokenizer.next_input(tokenizer.compose(maps, k), k).flatten(2).transpose(1, 2) for k in range(1, m + 1)
         ]
         x_BlC = torch.cat(inputs, dim=1) if inputs else torch.zeros(B, 0, SMALL.latent_channels)
-        z_BLC = model(labels, x_BlC.repeat(2, 1, 1) if guided else x_BlC)[:, layout.offsets[m] :]
+        z_BLC = model.hidden(labels, x_BlC.repeat(2, 1, 1) if guided else x_BlC)[:, layout.offsets[m] :]
         w = guidance_weight(cfg, m, layout) if guided else None
         x_NC = model.diffusion.sample(z_BLC.flatten(0, 1), cfg.diffusion_steps, cfg.temperature, generator, w)
         z_BlC = x_NC.view(B, -1, SMALL.latent_channels) * model.token_rms_M[m]
@@ -335,16 +326,16 @@ def test_teacher_forced_diffusion_loss_is_per_token_and_save_load_keeps_head_and
     z_BLC = flatten_maps(tokenizer.tokenize(image, bases))
     x_BlC = tokenizer.teacher_forcing_inputs(split_maps(z_BLC, tokenizer.layout))
     label_B = torch.tensor([0, 2])
-    assert model(label_B, x_BlC).shape == (2, tokenizer.layout.num_tokens, 32)  # the head's condition z
+    assert model.hidden(label_B, x_BlC).shape == (2, tokenizer.layout.num_tokens, 32)  # the head's condition z
     torch.manual_seed(5)
-    loss_BL = model(label_B, x_BlC, tokens_BLC=z_BLC)
+    loss_BL, _, _ = model(label_B, x_BlC, z_BLC)
     assert loss_BL.shape == (2, tokenizer.layout.num_tokens) and torch.isfinite(loss_BL).all()
     save_transformer(tmp_path / "t", model)
     loaded, config = load_transformer(tmp_path / "t")
     assert config["diffusion"] == vars(HEAD)
     assert torch.equal(loaded.token_rms_M, model.token_rms_M)
     torch.manual_seed(5)
-    torch.testing.assert_close(loaded(label_B, x_BlC, tokens_BLC=z_BLC), loss_BL)
+    torch.testing.assert_close(loaded(label_B, x_BlC, z_BLC).loss_BL, loss_BL)
 
 
 # -- configuration and the stages -------------------------------------------------------------------------------

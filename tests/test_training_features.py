@@ -120,7 +120,7 @@ def saved_bytes(model, tokenizer, checkpointing: bool) -> tuple[int, list[torch.
 
     torch.manual_seed(0)  # class dropout, stochastic depth and dropout draw the same in both runs
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(torch.tensor([0, 1, 2, 3]), x_BlC)
+        logits = model.head(model.hidden(torch.tensor([0, 1, 2, 3]), x_BlC))
         loss = nn.functional.cross_entropy(logits.transpose(1, 2), target)
     loss.backward()
     return total, [p.grad.clone() for p in model.parameters()]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipeline.models.coarse import codebook_clusters
+from pipeline.models.heads import sample_tokens
 from pipeline.models.tokenizer import Tokenizer, TokenizerModelConfig, TokenLayout
 from pipeline.models.transformer import (
     CART,
@@ -18,7 +19,6 @@ from pipeline.models.transformer import (
     generate,
     guidance_weight,
     load_transformer,
-    sample_tokens,
     save_transformer,
 )
 from pipeline.training.train import decay_groups
@@ -91,13 +91,14 @@ def test_teacher_forcing_reads_maps_1_to_last_and_predicts_every_token(order):
     model = make_model(tokenizer)
     x_BlC = tokenizer.teacher_forcing_inputs(random_indices(tokenizer, 2))
     assert x_BlC.shape == (2, layout.num_tokens - layout.lengths[0], TOKENIZER.latent_channels)
-    assert model(torch.tensor([0, 1]), x_BlC).shape == (2, layout.num_tokens, TOKENIZER.codebook_size)
+    logits_BLV = model.head(model.hidden(torch.tensor([0, 1]), x_BlC))
+    assert logits_BLV.shape == (2, layout.num_tokens, TOKENIZER.codebook_size)
     if order == 0:  # VAR: every map a base map at its own scale
         assert [(m.side, m.is_base) for m in layout.maps] == [(s, True) for s in TOKENIZER.scales]
     else:
         assert [(m.side, m.level) for m in layout.maps] == [(1, 0), (2, 0), (3, 0), (4, 0), (4, 1)]
     with pytest.raises(ValueError, match="whole maps"):
-        model(torch.tensor([0, 1]), x_BlC[:, :-1])
+        model.hidden(torch.tensor([0, 1]), x_BlC[:, :-1])
 
 
 def test_block_causal_mask_hides_later_maps_and_shows_earlier_ones():
@@ -108,16 +109,16 @@ def test_block_causal_mask_hides_later_maps_and_shows_earlier_ones():
         model = make_model(tokenizer)
         label_B = torch.tensor([0, 3, 4])
         x_BlC = tokenizer.teacher_forcing_inputs(random_indices(tokenizer, 3))
-        logits_BLV = model(label_B, x_BlC)
+        logits_BLV = model.head(model.hidden(label_B, x_BlC))
         for m in range(1, layout.num_maps):
             changed = x_BlC.clone()
             changed[:, offsets[m] - L0 : offsets[m + 1] - L0] += torch.randn(3, layout.lengths[m], x_BlC.shape[-1])
-            difference_L = (model(label_B, changed) - logits_BLV).abs().amax(dim=(0, 2))
+            difference_L = (model.head(model.hidden(label_B, changed)) - logits_BLV).abs().amax(dim=(0, 2))
             assert torch.all(difference_L[: offsets[m]] == 0), f"map {m} leaks into earlier maps"
             assert torch.all(difference_L[offsets[m] :] > 1e-6), f"some token at or after map {m} ignores map {m}"
         # A whole-map prefix of the inputs gives the same logits as the full sequence: the uncached reference.
         for m in range(layout.num_maps):
-            prefix = model(label_B, x_BlC[:, : offsets[m + 1] - L0])
+            prefix = model.head(model.hidden(label_B, x_BlC[:, : offsets[m + 1] - L0]))
             torch.testing.assert_close(prefix, logits_BLV[:, : offsets[m + 1]], rtol=1e-12, atol=1e-12)
     finally:
         torch.set_default_dtype(torch.float32)
@@ -128,9 +129,11 @@ def test_map_0_logits_depend_only_on_the_class():
     L0 = tokenizer.layout.lengths[0]
     model = make_model(tokenizer)
     x_BlC = tokenizer.teacher_forcing_inputs(random_indices(tokenizer, 2))
-    logits_BLV = model(torch.tensor([1, 2]), x_BlC)
-    assert torch.equal(model(torch.tensor([1, 2]), torch.randn_like(x_BlC))[:, :L0], logits_BLV[:, :L0])
-    assert not torch.allclose(model(torch.tensor([2, 1]), x_BlC)[:, :L0], logits_BLV[:, :L0])
+    logits_BLV = model.head(model.hidden(torch.tensor([1, 2]), x_BlC))
+    assert torch.equal(
+        model.head(model.hidden(torch.tensor([1, 2]), torch.randn_like(x_BlC)))[:, :L0], logits_BLV[:, :L0]
+    )
+    assert not torch.allclose(model.head(model.hidden(torch.tensor([2, 1]), x_BlC))[:, :L0], logits_BLV[:, :L0])
 
 
 def test_class_dropout_replaces_labels_by_the_unconditional_class_in_training_only():
@@ -139,13 +142,15 @@ def test_class_dropout_replaces_labels_by_the_unconditional_class_in_training_on
     assert model.unconditional == NUM_CLASSES and model.class_embed.num_embeddings == NUM_CLASSES + 1
     x_BlC = tokenizer.teacher_forcing_inputs(random_indices(tokenizer, 2))
     label_B = torch.tensor([0, 4])
-    unconditional = model(torch.full_like(label_B, NUM_CLASSES), x_BlC)
-    conditional = model(label_B, x_BlC)
+    unconditional = model.head(model.hidden(torch.full_like(label_B, NUM_CLASSES), x_BlC))
+    conditional = model.head(model.hidden(label_B, x_BlC))
     assert not torch.allclose(conditional, unconditional)
     model.train()
-    torch.testing.assert_close(model(label_B, x_BlC), unconditional)
+    torch.testing.assert_close(model.head(model.hidden(label_B, x_BlC)), unconditional)
     model = make_model(tokenizer, class_dropout=0.0, drop_path=0.0).train()
-    torch.testing.assert_close(model(label_B, x_BlC), model.eval()(label_B, x_BlC))
+    torch.testing.assert_close(
+        model.head(model.hidden(label_B, x_BlC)), model.eval().head(model.hidden(label_B, x_BlC))
+    )
 
 
 def guide(logits: torch.Tensor, w: float | None) -> torch.Tensor:
@@ -175,11 +180,12 @@ def reference_sample(model: CART, tokenizer: Tokenizer, label_B, cfg: SamplingCo
             layout.offsets[m],
             layout.offsets[m + 1],
         )
-        idx_Bl = sample_tokens(guide(model(labels, x_BlC)[:, start:], w), cfg, generator)
+        h_BLC = model.hidden(labels, x_BlC)
+        idx_Bl = sample_tokens(guide(model.head(h_BLC)[:, start:], w), cfg, generator)
         if model.fine is not None:
             coarse_BL = torch.zeros(len(labels), end, dtype=torch.long)  # earlier tokens' labels: any (unread)
             coarse_BL[:, start:] = idx_Bl.repeat(len(labels) // B, 1)
-            fine_BlV = guide(model(labels, x_BlC, coarse_BL=coarse_BL)[1][:, start:], w)
+            fine_BlV = guide(model.fine(h_BLC, coarse_BL)[:, start:], w)
             idx_Bl = sample_tokens(model.fine.restrict(fine_BlV, idx_Bl), cfg, generator)
         indices.append(idx_Bl.view(B, token_map.side, -1))
     return indices
@@ -297,7 +303,7 @@ def test_save_then_load_gives_identical_logits(tmp_path):
     label_B = torch.tensor([3, NUM_CLASSES])
     save_transformer(tmp_path / "cart", model, {"order": 1})
     loaded, config = load_transformer(tmp_path / "cart")
-    assert torch.equal(loaded(label_B, x_BlC), model(label_B, x_BlC))
+    assert torch.equal(loaded.head(loaded.hidden(label_B, x_BlC)), model.head(model.hidden(label_B, x_BlC)))
     assert loaded.layout.maps == model.layout.maps and loaded.cfg == model.cfg and not loaded.training
     saved = json.loads((tmp_path / "cart.json").read_text())
     assert saved["layout"]["num_tokens"] == model.layout.num_tokens and saved["order"] == 1 == config["order"]
@@ -346,12 +352,15 @@ def test_stochastic_depth_rises_linearly_to_vars_rate_and_only_in_training():
     heavy = make_model(tokenizer, depth=4, width=32, class_dropout=0.0, drop_path=0.9)
     x_BlC = tokenizer.teacher_forcing_inputs(random_indices(tokenizer, 16))
     label_B = torch.zeros(16, dtype=torch.long)
-    assert torch.equal(heavy(label_B, x_BlC), heavy(label_B, x_BlC))  # eval: deterministic, nothing dropped
+    logits = heavy.head(heavy.hidden(label_B, x_BlC))
+    assert torch.equal(logits, heavy.head(heavy.hidden(label_B, x_BlC)))  # eval: deterministic, nothing dropped
     heavy.train()
     torch.manual_seed(0)
-    first = heavy(label_B, x_BlC)
-    assert not torch.allclose(first, heavy(label_B, x_BlC))  # a new draw of dropped branches per call
-    assert not torch.allclose(first, heavy.eval()(label_B, x_BlC))
+    first = heavy.head(heavy.hidden(label_B, x_BlC))
+    assert not torch.allclose(
+        first, heavy.head(heavy.hidden(label_B, x_BlC))
+    )  # a new draw of dropped branches per call
+    assert not torch.allclose(first, heavy.eval().head(heavy.hidden(label_B, x_BlC)))
 
 
 def test_attention_has_no_k_bias_and_vars_temperature_without_qk_norm():
@@ -420,12 +429,13 @@ def test_next_token_prediction_is_token_causal_and_its_cached_sampling_matches_t
         x_BlC = teacher_forcing_inputs(model, tokenizer, indices)
         assert x_BlC.shape == (3, 15, TOKENIZER.latent_channels)
         label_B = torch.tensor([0, 1, 2])
-        logits = model(label_B, x_BlC)
+        logits = model.head(model.hidden(label_B, x_BlC))
         changed = x_BlC.clone()
         changed[:, 6] += 1.0  # the input of token 7, i.e. the code of token 6
-        other = model(label_B, changed)
+        other = model.head(model.hidden(label_B, changed))
         assert torch.equal(logits[:, :7], other[:, :7]) and not torch.allclose(logits[:, 7:], other[:, 7:])
-        torch.testing.assert_close(model(label_B, x_BlC[:, :5]), logits[:, :6])  # any prefix of tokens
+        prefix = model.head(model.hidden(label_B, x_BlC[:, :5]))
+        torch.testing.assert_close(prefix, logits[:, :6])  # any prefix of tokens
 
         cfg = SamplingConfig(guidance=2.0, top_k=10)
         cached = generate(model, tokenizer, label_B, cfg, torch.Generator().manual_seed(3))
@@ -433,10 +443,11 @@ def test_next_token_prediction_is_token_causal_and_its_cached_sampling_matches_t
         for i in range(16):
             x = tokenizer.codebook.weight[drawn]  # codes drawn so far (the input of token i + 1 is token i's)
             labels, x = torch.cat([label_B, torch.full_like(label_B, NUM_CLASSES)]), x.repeat(2, 1, 1)
-            idx_B1 = sample_tokens(guide(model(labels, x)[:, i : i + 1], 2.0), cfg, g)
+            h_BLC = model.hidden(labels, x)
+            idx_B1 = sample_tokens(guide(model.head(h_BLC)[:, i : i + 1], 2.0), cfg, g)
             if clusters:  # that was the label; the code given it
                 coarse_BL = torch.cat([torch.zeros(6, i, dtype=torch.long), idx_B1.repeat(2, 1)], dim=1)
-                fine_B1V = guide(model(labels, x, coarse_BL=coarse_BL)[1][:, i : i + 1], 2.0)
+                fine_B1V = guide(model.fine(h_BLC, coarse_BL)[:, i : i + 1], 2.0)
                 idx_B1 = sample_tokens(model.fine.restrict(fine_B1V, idx_B1), cfg, g)
             drawn = torch.cat([drawn, idx_B1], dim=1)
     finally:
@@ -451,11 +462,13 @@ def check_device_paths(device: str) -> None:
     model = make_model(tokenizer)
     label_B = torch.tensor([0, 3, 4])
     x_BlC = tokenizer.teacher_forcing_inputs(random_indices(tokenizer, 3))
-    expected = model(label_B, x_BlC)
+    expected = model.head(model.hidden(label_B, x_BlC))
     moved = copy.deepcopy(model).to(device)
-    torch.testing.assert_close(moved(label_B.to(device), x_BlC.to(device)).cpu(), expected, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        moved.head(moved.hidden(label_B.to(device), x_BlC.to(device))).cpu(), expected, rtol=1e-3, atol=1e-3
+    )
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-        bf16 = moved(label_B.to(device), x_BlC.to(device)).float().cpu()
+        bf16 = moved.head(moved.hidden(label_B.to(device), x_BlC.to(device))).float().cpu()
     assert (bf16 - expected).abs().max() < 0.05 * expected.abs().max()
     cfg = SamplingConfig(guidance=2.5, top_k=20)
     torch.set_default_dtype(torch.float64)

@@ -151,13 +151,7 @@ def evaluate(
     # Wall time of sampling and decoding (a cost figure beside FID; it moves with the machine's load).
     sampling_images_per_s = len(labels) / (time.perf_counter() - start)
     # The floor: the same architecture, untrained, sampled the same way.
-    untrained = build_model(
-        model.cfg,
-        manifest,
-        0,
-        coarse_V=None if model.fine is None else model.fine.cluster_V,
-        diffusion=None if model.diffusion is None else model.diffusion.cfg,
-    )
+    untrained = build_model(model.cfg, manifest, 0, **model.head.options())
     untrained = untrained.to(device).eval()
     floor = sample_sharded(untrained, tokenizer, labels, sampling, cfg.batch_size, dist)
     if not dist.is_main:

@@ -10,15 +10,17 @@ detail level its own).
 Sampling goes map by map with a KV cache: map m's tokens attend to the cached keys and values of maps < m and to
 one another, so no mask is needed. Classifier-free guidance runs conditional and unconditional rows as one batch.
 
-The head is a softmax over the codebook, or, for a continuous tokenizer, MAR's diffusion head
-(``pipeline.models.diffusion``): the trunk's output z of a token conditions a small denoiser that draws
-the token's vector, standardised by its map's token RMS. Everything else (inputs, cache, guidance rows)
-is the same for both.
+The head (``pipeline.models.heads``) is a softmax over the codebook, coarse-to-fine prediction over clusters of
+the codebook (``pipeline.models.coarse``) or, for a continuous tokenizer, MAR's diffusion head
+(``pipeline.models.diffusion``): the trunk's output z of a token conditions a small denoiser that draws the token's
+vector, standardised by its map's token RMS. Each head owns its loss and its sampler; everything else (inputs,
+cache, guidance rows) is the same for all.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +34,7 @@ from torch import nn
 from pipeline.config import Field, section
 from pipeline.models.coarse import FineHead
 from pipeline.models.diffusion import DiffusionConfig, DiffusionHead
+from pipeline.models.heads import CoarseToFineHead, ContinuousHead, Head, SoftmaxHead, TokenLoss
 from pipeline.models.tokenizer import Tokenizer, TokenLayout
 from pipeline.models.weights import load_config, load_state, save_weights
 
@@ -249,11 +252,10 @@ def block_causal_mask(lengths: list[int]) -> torch.Tensor:
 
 
 class CART(nn.Module):
-    """Class-conditional decoder-only transformer over a ``TokenLayout``: logits over the codebook per token.
-
-    With ``clusters`` > 0 (coarse-to-fine prediction, ``pipeline.models.coarse``) the head's logits are over the coarse
-    labels and ``self.fine`` predicts the code given its label. With ``diffusion`` (continuous tokens) the head is
-    the identity: the trunk's output is the condition z of a diffusion head per token.
+    """Class-conditional decoder-only transformer over a ``TokenLayout``, its head (``self.head``) turning the trunk's
+    output of a token into the token: a ``SoftmaxHead`` over the codebook; with ``clusters`` > 0 a
+    ``CoarseToFineHead`` (its fine head registered as ``self.fine``); with ``diffusion`` (continuous tokens) a
+    ``ContinuousHead`` (its denoiser registered as ``self.diffusion``, its per-map scales as ``token_rms_M``).
     """
 
     def __init__(
@@ -283,24 +285,36 @@ class CART(nn.Module):
         lengths = torch.tensor(layout.lengths, device="cpu")
         level_L = torch.repeat_interleave(torch.tensor(level_ids, device="cpu"), lengths)
         self.register_buffer("level_L", level_L, persistent=False)
-        mask_LL = block_causal_mask(layout.lengths if cfg.prediction == "next_map" else [1] * layout.num_tokens)
-        self.register_buffer("mask_LL", mask_LL, persistent=False)
+        # The tokens predicted at once, step by step: every map's (next-map) or one (next-token). A token sees
+        # its own step and the ones before it.
+        self.step_lengths = layout.lengths if cfg.prediction == "next_map" else [1] * layout.num_tokens
+        self.step_ends = set(itertools.accumulate(self.step_lengths))
+        self.register_buffer("mask_LL", block_causal_mask(self.step_lengths), persistent=False)
         # One GEMM yields every block's six AdaLN vectors and the head's two: the class is all they depend on.
         self.ada_lin = nn.Linear(C, (6 * cfg.depth + 2) * C)
         rates = torch.linspace(0, cfg.resolved_drop_path, cfg.depth, device="cpu").tolist()  # VAR's linear rule
         self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
+        # The head. Weight files name its tensors head.*, fine.* (the fine head), diffusion.* (the denoiser) and
+        # token_rms_M, so those parts are registered here, in this order (the order of the init's random draws).
         if clusters and diffusion is not None:
             raise ValueError("coarse-to-fine prediction needs a codebook: clusters > 0 and a diffusion head exclude")
-        self.head = nn.Linear(C, clusters or codebook_size) if diffusion is None else nn.Identity()
-        self.fine = FineHead(C, codebook_size, clusters) if clusters else None
+        self.fine: FineHead | None = None
+        self.diffusion: DiffusionHead | None = None
+        self.head: Head
+        if diffusion is not None:
+            self.head = ContinuousHead(self)
+        elif clusters:
+            self.head = CoarseToFineHead(C, codebook_size, clusters)
+            self.fine = self.head.fine
+        else:
+            self.head = SoftmaxHead(C, codebook_size)
         # Training recomputes each block's activations in the backward pass instead of keeping them (set by the
         # training task; not part of the architecture or the weights).
         self.checkpoint_activations = False
         self._init_weights()
-        self.diffusion = None if diffusion is None else DiffusionHead(diffusion, latent_channels, C)
-        if diffusion is not None:
-            # Every map's token RMS (the manifest's token_rms): the head models tokens divided by it, so that the
-            # small residuals of late maps meet the noise schedule at unit scale as the coarse maps do.
+        if diffusion is not None:  # built after the trunk's init, which it must not draw from
+            self.diffusion = DiffusionHead(diffusion, latent_channels, C)
+            # Every map's token RMS (the manifest's token_rms): the head models tokens divided by it.
             self.register_buffer("token_rms_M", torch.ones(layout.num_maps))
 
     def decayed_embeddings(self) -> list[nn.Parameter]:
@@ -322,10 +336,7 @@ class CART(nn.Module):
                 nn.init.zeros_(module.bias)
         C, depth = cfg.resolved_width, cfg.depth
         with torch.no_grad():
-            if isinstance(self.head, nn.Linear):
-                self.head.weight.mul_(cfg.init_head)
-            if self.fine is not None:
-                self.fine.fc2.weight.mul_(cfg.init_head)
+            self.head.scale_init(cfg.init_head)
             factor_K = torch.full((6 * depth + 2,), cfg.init_adaln)
             factor_K[: 6 * depth].view(depth, 6)[:, :2] = cfg.init_gate  # gate1, gate2 of every block
             self.ada_lin.weight.view(6 * depth + 2, C, C).mul_(factor_K.view(-1, 1, 1))
@@ -348,7 +359,7 @@ class CART(nn.Module):
     @property
     def start_length(self) -> int:
         """Tokens predicted from the class alone: map 0's (next-map), or the first token (next-token)."""
-        return self.layout.lengths[0] if self.cfg.prediction == "next_map" else 1
+        return self.step_lengths[0]
 
     def start_tokens(self, cond_BC: torch.Tensor) -> torch.Tensor:
         """The first inputs: the class embedding at every position of the first map (or the first token)."""
@@ -362,7 +373,7 @@ class CART(nn.Module):
         mask_LL: torch.Tensor | None,
         caches: list[KVCache] | None = None,
     ) -> torch.Tensor:
-        """Blocks and the head's AdaLN: h_BLC, which ``self.head`` maps to logits."""
+        """Blocks and the head's AdaLN: h_BLC, which ``self.head`` turns into tokens."""
         recompute = self.checkpoint_activations and caches is None and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             mod_B16C = mod_B1KC[:, :, 6 * i : 6 * i + 6]
@@ -376,68 +387,53 @@ class CART(nn.Module):
 
     # -- teacher forcing ---------------------------------------------------------------------------------------
 
-    def forward(
-        self,
-        label_B: torch.Tensor,
-        x_BlC: torch.Tensor,
-        *,
-        coarse_BL: torch.Tensor | None = None,
-        tokens_BLC: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Teacher forcing: logits_BLV of every token from the class and the inputs of maps 1 … M−1.
+    def hidden(self, label_B: torch.Tensor, x_BlC: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: the trunk's output h_BLC of every token from the class and the inputs of maps 1 … M−1,
+        which the head turns into tokens (e.g. ``self.head(h_BLC)``, the softmax head's logits).
 
         ``x_BlC`` is ``teacher_forcing_inputs``; the inputs of maps 1 … m only (any whole-map prefix) give the
-        logits of maps 0 … m, the same as the full sequence would (the mask is block-causal). Next-token
+        outputs of maps 0 … m, the same as the full sequence would (the mask is block-causal). Next-token
         prediction reads the code vectors of tokens 0 … L−2 and any prefix of them.
-
-        Coarse-to-fine, the logits are over the coarse labels (logits_BLK); given every token's label
-        ``coarse_BL``, the fine head's logits come too, in the same call (DDP sees one forward): (logits_BLK,
-        fine_BLV), the fine ones not yet restricted to the label's codes (``FineHead.restrict``).
-
-        With the diffusion head: the condition z_BLC of every token, or given the continuous tokens ``tokens_BLC``
-        their diffusion loss, loss_BL (computed here, so that DDP sees the head in its forward).
         """
         if self.training and self.cfg.class_dropout > 0:
             dropped_B = torch.rand(label_B.shape, device=label_B.device) < self.cfg.class_dropout
             label_B = torch.where(dropped_B, self.unconditional, label_B)
         L0 = self.start_length
         L = L0 + x_BlC.shape[1]
-        if self.cfg.prediction == "next_map" and L not in self.layout.offsets:
+        if L not in self.step_ends:
             raise ValueError(f"{x_BlC.shape[1]} input tokens are not the inputs of whole maps 1 … m")
         cond_BC, mod_B1KC = self.condition(label_B)
         with torch.autocast(x_BlC.device.type, enabled=False):  # embeddings in fp32 whatever the precision, as VAR
             x_BLC = torch.cat([self.start_tokens(cond_BC), self.input_embed(x_BlC) + self.position(L0, L)], dim=1)
-        h_BLC = self.trunk(x_BLC, mod_B1KC, self.mask_LL[:L, :L])
-        out_BLC = self.head(h_BLC)
-        if tokens_BLC is not None:
-            target_BLC = tokens_BLC / self.token_rms_L(L)[:, None]
-            return self.diffusion.loss(out_BLC.flatten(0, 1), target_BLC.flatten(0, 1)).view(label_B.shape[0], L)
-        if coarse_BL is not None:
-            return out_BLC, self.fine(h_BLC, coarse_BL)
-        return out_BLC
+        return self.trunk(x_BLC, mod_B1KC, self.mask_LL[:L, :L])
 
-    def token_rms_L(self, length: int) -> torch.Tensor:
-        """The diffusion head's scale of each of the first ``length`` tokens: its map's token RMS."""
-        lengths = torch.tensor(self.layout.lengths, device=self.token_rms_M.device)
-        return torch.repeat_interleave(self.token_rms_M.clamp_min(1e-6), lengths)[:length]
+    def forward(self, label_B: torch.Tensor, x_BlC: torch.Tensor, target_BL: torch.Tensor) -> TokenLoss:
+        """The head's loss of every token under teacher forcing (``hidden``), the targets ``target_BL`` the codes
+        idx_BL (or continuous tokens z_BLC) of the tokens whose outputs ``x_BlC`` gives. The head's loss is computed
+        here, so that DDP sees the head in its forward."""
+        return self.head.loss(self.hidden(label_B, x_BlC), target_BL)
 
 
 def forward_flops(model: CART, trunk_rows: int, head_rows: int, diffusion_steps: int | None = None) -> float:
     """Forward FLOPs of whole sequences: 2 per weight each token multiplies (not the per-image class and AdaLN
     weights) plus QKᵀ and AV over the keys each query may see; the head runs on ``head_rows`` of them, a
     coarse-to-fine model's fine head on every trunk row (guidance mixes its logits, not its input). A diffusion
-    head runs once per noise draw in training, or ``diffusion_steps`` times in sampling (where guidance gives it
-    both rows). Training costs 3× the forward of its batch (forward and twice that backward)."""
+    head runs once per noise draw in training, or ``diffusion_steps`` times in sampling (``sampling_flops``).
+    Training costs 3× the forward of its batch (forward and twice that backward)."""
     layout, C, depth = model.layout, model.cfg.resolved_width, model.cfg.depth
     trunk = sum(p.numel() for m in [*model.blocks, model.input_embed] for p in m.parameters() if p.ndim == 2)
     visible = int(model.mask_LL.sum())  # query-key pairs the mask lets through
     per_sequence = 2 * trunk * layout.num_tokens + 4 * C * visible * depth
-    fine = 0 if model.fine is None else sum(m.weight.numel() for m in (model.fine.fc1, model.fine.fc2))
-    if model.diffusion is None:
-        head = model.head.weight.numel()
-    else:
-        head = model.diffusion.matrix_weights() * (diffusion_steps or model.diffusion.cfg.draws)
-    return trunk_rows * (per_sequence + 2 * fine * layout.num_tokens) + head_rows * 2 * head * layout.num_tokens
+    every_row, head = model.head.matrix_weights(diffusion_steps)
+    return trunk_rows * (per_sequence + 2 * every_row * layout.num_tokens) + head_rows * 2 * head * layout.num_tokens
+
+
+def sampling_flops(model: CART, guided: bool, diffusion_steps: int) -> float:
+    """Forward FLOPs of sampling one image with the KV cache: every token through the trunk once, on two rows when
+    guided (conditional and unconditional); a head that guidance mixes the input of runs on the mix only, a
+    diffusion head on both rows, ``diffusion_steps`` times."""
+    rows = 2 if guided else 1
+    return forward_flops(model, rows, 1 if model.head.mixes_input else rows, diffusion_steps)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -467,54 +463,6 @@ def guidance_weight(cfg: SamplingConfig, map_index: int, layout: TokenLayout) ->
     return 1 + (cfg.guidance - 1) * ratio
 
 
-def sample_tokens(logits_BlV: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """One code per token: temperature, top-k, top-p, then a draw with ``generator``: idx_Bl."""
-    B, l, V = logits_BlV.shape
-    logits_NV = logits_BlV.float().flatten(0, 1) / cfg.temperature
-    candidates_NV = None  # codes of the kept columns when filtering narrowed them (descending logit order)
-    if 0 < cfg.top_k < V:
-        logits_NV, candidates_NV = logits_NV.topk(cfg.top_k, dim=-1)
-    if 0 < cfg.top_p < 1:
-        if candidates_NV is None:
-            logits_NV, candidates_NV = logits_NV.sort(dim=-1, descending=True)
-        probs_NV = logits_NV.softmax(-1)
-        # Drop a code once the likelier ones already cover top_p: the likeliest always stays.
-        logits_NV = logits_NV.masked_fill(probs_NV.cumsum(-1) - probs_NV >= cfg.top_p, -torch.inf)
-    # Inverse-CDF draw: one uniform per token, where torch.multinomial would draw one per candidate code.
-    cdf_NV = logits_NV.softmax(-1).cumsum(-1)
-    total_N1 = cdf_NV[:, -1:]
-    u_N1 = torch.rand(total_N1.shape, generator=generator, device=cdf_NV.device) * total_N1
-    u_N1 = torch.minimum(u_N1, torch.nextafter(total_N1, torch.zeros_like(total_N1)))  # u < total despite rounding
-    choice_N1 = torch.searchsorted(cdf_NV, u_N1, right=True)  # right: a code of probability 0 is never drawn
-    idx_N1 = choice_N1 if candidates_NV is None else candidates_NV.gather(-1, choice_N1)
-    return idx_N1.view(B, l)
-
-
-def draw_codes(
-    model: CART, h_BlC: torch.Tensor, weight: float | None, cfg: SamplingConfig, generator: torch.Generator | None
-) -> torch.Tensor:
-    """One code per token from the trunk's output (guided: the conditional rows, then the unconditional ones, mixed
-    with guidance ``weight``): idx_Bl.
-
-    The head is affine, so guiding its input guides the logits (uncond + w·(cond − uncond)) at half the cost of a
-    head over both halves. Coarse-to-fine, the head draws the coarse label and the fine head, given it, the code;
-    the fine head is not affine in h, so its logits are guided themselves, from both halves.
-    """
-    if weight is None:
-        guided_BlC = h_BlC
-    else:
-        cond_BlC, uncond_BlC = h_BlC.chunk(2)
-        guided_BlC = torch.lerp(uncond_BlC, cond_BlC, weight)
-    drawn_Bl = sample_tokens(model.head(guided_BlC), cfg, generator)
-    if model.fine is None:
-        return drawn_Bl
-    fine_BlV = model.fine(h_BlC, drawn_Bl if weight is None else drawn_Bl.repeat(2, 1))
-    if weight is not None:
-        cond_BlV, uncond_BlV = fine_BlV.chunk(2)
-        fine_BlV = torch.lerp(uncond_BlV, cond_BlV, weight)
-    return sample_tokens(model.fine.restrict(fine_BlV, drawn_Bl), cfg, generator)
-
-
 @torch.no_grad()
 def generate(
     model: CART,
@@ -525,10 +473,11 @@ def generate(
     on_map: Callable[[int, list[torch.Tensor]], None] | None = None,
     prefix: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """Sample token maps idx_Bhw in generation order, map by map with a KV cache.
+    """Sample token maps in generation order, map by map with a KV cache: idx_Bhw (codes), or z_BChw (continuous
+    tokens).
 
     ``generator`` (default: seeded with cfg.seed on the labels' device) makes the draw deterministic;
-    ``on_map(m, indices)`` is called after each map with the maps so far (e.g. to decode prefixes). ``prefix``
+    ``on_map(m, maps)`` is called after each map with the maps so far (e.g. to decode prefixes). ``prefix``
     gives the first maps instead of sampling them (e.g. base maps, to sample only the details): they are returned
     as they are and draw nothing from the generator.
     """
@@ -539,48 +488,33 @@ def generate(
         if prefix:
             raise ValueError("next-token prediction samples whole sequences: a prefix of maps is not supported")
         return _generate_tokens(model, tokenizer, label_B, cfg, generator, on_map)
-    layout, B = model.layout, len(label_B)
+    layout, B, head = model.layout, len(label_B), model.head
     prefix = prefix or []
-    channels = () if model.diffusion is None else (model.latent_channels,)
-    expected = [(B, *channels, m.side, m.side) for m in layout.maps[: len(prefix)]]
+    expected = [head.map_shape(B, m.side) for m in layout.maps[: len(prefix)]]
     if len(prefix) > layout.num_maps or [tuple(i.shape) for i in prefix] != expected:
         raise ValueError(f"prefix shapes {[tuple(i.shape) for i in prefix]}: expected the first maps, {expected}")
     guided = cfg.guidance != 1.0
     mod_B1KC, caches, x_BlC = _start_sampling(model, label_B, guided)
-    f_hat_BChw, indices = None, []
+    f_hat_BChw, maps = None, []
     for m, token_map in enumerate(layout.maps):
         h_BlC = model.trunk(x_BlC, mod_B1KC, None, caches)  # a given map still fills the cache
         if m < len(prefix):
-            idx_Bhw = prefix[m]
-        elif model.diffusion is None:
-            weight = guidance_weight(cfg, m, layout) if guided else None
-            idx_Bhw = draw_codes(model, h_BlC, weight, cfg, generator).view(B, token_map.side, token_map.side)
+            tokens = prefix[m]
         else:
-            z_BlC = sample_continuous(model, h_BlC, m, cfg, generator, guided)
-            idx_Bhw = z_BlC.transpose(1, 2).unflatten(2, (token_map.side, token_map.side))  # z_BChw
-        indices.append(idx_Bhw)
+            weight = guidance_weight(cfg, m, layout) if guided else None
+            tokens = head.as_map(head.sample(h_BlC, m, weight, cfg, generator), token_map.side)
+        maps.append(tokens)
         if on_map is not None:
-            on_map(m, list(indices))
+            on_map(m, list(maps))
         if m + 1 == layout.num_maps:
             break
-        h_BChw = tokenizer.map_contribution(idx_Bhw, m)
+        h_BChw = tokenizer.map_contribution(tokens, m)
         f_hat_BChw = h_BChw if f_hat_BChw is None else f_hat_BChw + h_BChw
         next_BlC = tokenizer.next_input(f_hat_BChw, m + 1).flatten(2).transpose(1, 2)
         x_BlC = model.input_embed(next_BlC) + model.position(layout.offsets[m + 1], layout.offsets[m + 2])
         if guided:
             x_BlC = x_BlC.repeat(2, 1, 1)
-    return indices
-
-
-def sample_continuous(
-    model: CART, h_BlC: torch.Tensor, map_index: int, cfg: SamplingConfig, generator: torch.Generator, guided: bool
-) -> torch.Tensor:
-    """Map m's continuous tokens z_BlC, each drawn by the diffusion head from its z (guided: the conditional rows
-    of ``h_BlC``, then the unconditional ones, whose predictions are combined with map m's guidance weight)."""
-    rows, l, _ = h_BlC.shape
-    w = guidance_weight(cfg, map_index, model.layout) if guided else None
-    x_NC = model.diffusion.sample(h_BlC.flatten(0, 1), cfg.diffusion_steps, cfg.temperature, generator, w)
-    return x_NC.view(rows // 2 if guided else rows, l, -1) * model.token_rms_M[map_index].clamp_min(1e-6)
+    return maps
 
 
 def _start_sampling(
@@ -610,7 +544,7 @@ def _generate_tokens(
     for i in range(layout.num_tokens):
         h_B1C = model.trunk(x_B1C, mod_B1KC, None, caches)
         weight = guidance_weight(cfg, map_of_token[i], layout) if guided else None
-        drawn.append(draw_codes(model, h_B1C, weight, cfg, generator))
+        drawn.append(model.head.sample(h_B1C, map_of_token[i], weight, cfg, generator))
         if i + 1 == layout.num_tokens:
             break
         z_B1C = tokenizer.codebook.weight.detach()[drawn[-1]]
@@ -632,21 +566,22 @@ def _generate_tokens(
 # Weights
 
 
+# The keys of <stem>.json in the order its files have always had them, the head's (``config``) among them.
+CONFIG_KEYS = ("model", "diffusion", "num_classes", "codebook_size", "latent_channels", "layout", "coarse_labels")
+
+
 def save_transformer(stem: str | Path, model: CART, extra: dict | None = None) -> None:
-    """``<stem>.safetensors`` + ``<stem>.json``: architecture (and diffusion head), class count, codebook, latent
-    channels, layout."""
-    layout = model.layout
-    config = {
+    """``<stem>.safetensors`` + ``<stem>.json``: architecture (and the head's: a diffusion head's settings, the coarse
+    label of every code), class count, codebook, latent channels, layout."""
+    entries = {
         "model": dataclasses.asdict(model.cfg),
-        **({"diffusion": dataclasses.asdict(model.diffusion.cfg)} if model.diffusion is not None else {}),
         "num_classes": model.num_classes,
         "codebook_size": model.codebook_size,
         "latent_channels": model.latent_channels,
-        "layout": layout.to_json(),
-        # Coarse-to-fine: the coarse label of every code, i.e. the clustering the head was trained with.
-        **({"coarse_labels": model.fine.cluster_V.tolist()} if model.fine is not None else {}),
-        **(extra or {}),
+        "layout": model.layout.to_json(),
+        **model.head.config(),
     }
+    config = {key: entries.pop(key) for key in CONFIG_KEYS if key in entries} | entries | (extra or {})
     save_weights(stem, model, config)
 
 

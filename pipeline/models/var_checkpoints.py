@@ -38,6 +38,7 @@ import torch
 
 from pipeline import atomic
 from pipeline.config import InvalidInput
+from pipeline.models.heads import SoftmaxHead
 from pipeline.models.tokenizer import Tokenizer, TokenizerModelConfig, load_tokenizer, save_tokenizer
 from pipeline.models.transformer import CART, TransformerModelConfig, load_transformer, save_transformer
 
@@ -408,10 +409,10 @@ def export_var(tokenizer_stem: Path, transformer_stem: Path | None, out: Path) -
         transformer, _ = load_transformer(transformer_stem)
         if transformer.layout.lengths != tokenizer.layout.lengths:
             raise CheckpointError(f"{transformer_stem}: its token layout is not {tokenizer_stem}'s")
-        if transformer.fine is not None:
-            raise CheckpointError(f"{transformer_stem}: a coarse-to-fine head, which VAR's code has no place for")
-        if transformer.diffusion is not None:
-            raise CheckpointError(f"{transformer_stem}: a diffusion head, which VAR's code has no place for")
+        if not isinstance(transformer.head, SoftmaxHead):  # VAR's code has one head, the softmax over its codebook
+            raise CheckpointError(
+                f"{transformer_stem}: a {transformer.head.description}, which VAR's code has no place for"
+            )
         t = transformer.cfg
         config["var"] = {
             "num_classes": transformer.num_classes,

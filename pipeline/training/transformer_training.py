@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from pipeline import atomic
 from pipeline.config import ConfigError, Field, section
@@ -184,7 +183,7 @@ class TransformerTask:
             idx_BL = torch.cat([idx.flatten(1) for idx in targets], dim=1)
         else:
             x_BlC = self.inputs(idx_BL)
-        loss_BL, correct_BL, parts = token_losses(self.net, self.model, label_B, x_BlC, idx_BL)
+        loss_BL, correct_BL, parts = self.net(label_B, x_BlC, idx_BL)
         logs = {"loss": loss_BL.mean().item()} | {k: v.item() for k, v in parts.items()}
         with torch.no_grad():
             logs |= self._per_map(loss_BL, correct_BL)
@@ -211,33 +210,6 @@ class TransformerTask:
         return {f"val/{k}": v for k, v in evaluate_transformer(self.model, self.tokenizer, self.val_batches()).items()}
 
 
-def token_losses(
-    net: torch.nn.Module, model: CART, label_B: torch.Tensor, x_BlC: torch.Tensor, idx_BL: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
-    """Per token, the loss and whether the greedy prediction is the target: (loss_BL, correct_BL, parts).
-
-    ``net`` is ``model`` or its DDP wrapper. Coarse-to-fine, the loss is the coarse label's CE plus the fine code's
-    CE given the true label, i.e. −log p(label)·p(code | label), the code's NLL as the plain head's; the greedy
-    prediction (likeliest label, then its likeliest code) is right exactly when both argmaxes are; ``parts`` holds
-    the mean of each term. With the diffusion head ``idx_BL`` holds the continuous tokens (z_BLC), the loss is the
-    diffusion loss and there is no greedy prediction (correct_BL is None).
-    """
-    if model.diffusion is not None:
-        return net(label_B, x_BlC, tokens_BLC=idx_BL), None, {}
-    if model.fine is None:
-        logits_BLV = net(label_B, x_BlC)
-        loss_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), idx_BL, reduction="none")
-        return loss_BL, logits_BLV.argmax(-1) == idx_BL, {}
-    coarse_BL = model.fine.cluster_V[idx_BL]
-    logits_BLK, fine_BLV = net(label_B, x_BlC, coarse_BL=coarse_BL)
-    fine_BLV = model.fine.restrict(fine_BLV.float(), coarse_BL)
-    coarse_loss_BL = F.cross_entropy(logits_BLK.float().transpose(1, 2), coarse_BL, reduction="none")
-    fine_loss_BL = F.cross_entropy(fine_BLV.transpose(1, 2), idx_BL, reduction="none")
-    correct_BL = (logits_BLK.argmax(-1) == coarse_BL) & (fine_BLV.argmax(-1) == idx_BL)
-    parts = {"loss_coarse": coarse_loss_BL.detach().mean(), "loss_fine": fine_loss_BL.detach().mean()}
-    return coarse_loss_BL + fine_loss_BL, correct_BL, parts
-
-
 @torch.no_grad()
 def evaluate_transformer(
     model: CART, tokenizer: Tokenizer, batches: Iterator, unconditional: bool = False
@@ -260,7 +232,7 @@ def evaluate_transformer(
             idx_BL, label_B = idx_BL.to(device), label_B.to(device)
             if unconditional:
                 label_B = torch.full_like(label_B, model.num_classes)
-            loss_BL, correct_BL, parts = token_losses(model, model, label_B, task.inputs(idx_BL), idx_BL)
+            loss_BL, correct_BL, parts = model(label_B, task.inputs(idx_BL), idx_BL)
             batch = {"loss": loss_BL.mean().item()}
             if correct_BL is not None:
                 batch["acc"] = correct_BL.float().mean().item()
@@ -487,9 +459,9 @@ def train_transformer(
         "tokens": model.layout.num_tokens,
         "maps": model.layout.num_maps,
         "train_flops_per_image": 3 * forward_flops(model, 1, 1),
-        **({"coarse_clusters": model.fine.clusters} if model.fine is not None else {}),
+        **model.head.metrics(),
     }
-    if model.diffusion is not None:  # continuous tokens have no accuracy; their val loss is the diffusion loss
+    if "val/acc" not in after:  # continuous tokens have no accuracy; their val loss is the diffusion loss
         del result["val_acc"], result["val_acc_per_map"]
     atomic.write_json(paths.metrics, result)
     return result
