@@ -5,9 +5,9 @@
 #   OUT=/path bash bench/gpu_cifar10.sh [ARCHIVE]      ARCHIVE: default shared/datasets/cifar10-train.tar.gz
 #   SMOKE=1 OUT=/tmp/smoke bash bench/gpu_cifar10.sh tiny.tar.gz     the CPU smoke size (tests/test_gpu_cifar10.py)
 #
-# The rows are bench/tables.yaml's table `cifar10-gpu` on params/cifar10.yaml, run by bench/tables.py (the stages of
+# The rows are params/tables.yaml's table `cifar10-gpu` on params/cifar10.yaml, run by `cart tables` (the stages of
 # dvc.yaml, several at a time; a rerun on the same ROOT resumes). Writes, as stages finish:
-#   $OUT/results.json   bench/tables.py's results file (params, metrics, wall time of every stage, per row)
+#   $OUT/results.json   `cart tables`' results file (params, metrics, wall time of every stage, per row)
 #   $OUT/tables.md      its report: quality (FID_ref, ceiling, untrained floor, …) beside FLOPs and wall time
 #   $OUT/logs/          each stage's log; $OUT/run.txt the run's own output
 # No stage starts after DEADLINE seconds; at LIMIT the run is stopped (stages resume from their checkpoints on a
@@ -16,8 +16,8 @@
 # BUDGET: the GPU budget below is a first guess sized from the one H200 run's per-stage times (bench/RESULTS.md,
 # 2026-11-29), not yet measured alone on a GPU; override it with BUDGET="key=value …". The metric is the evaluate
 # stage's (FID_ref against the reference classifier). To switch to the field's Inception FID once the sample_fid
-# stage has Inception weights on the machine, add its keys to BUDGET and let bench/tables.py run it (its
-# SKIPPED_STAGES).
+# stage has Inception weights on the machine, add its keys to BUDGET and let `cart tables` run it
+# (pipeline/tables.py's SKIPPED_STAGES).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -57,16 +57,19 @@ BUDGET=${BUDGET:-$DEFAULT_BUDGET}
 mkdir -p "$OUT/logs" "$ROOT"
 [[ -f "$ARCHIVE" ]] || { echo "CIFAR-10 archive $ARCHIVE: no such file" >&2; exit 2; }
 set -f  # the settings are word lists on purpose, split on spaces but never globbed ([1,2] is a pattern)
-# shellcheck disable=SC2086
-set -- --table cifar10-gpu --root "$ROOT" --jobs "$JOBS" --deadline "$DEADLINE" --fail-fast \
-  --out "$OUT/results.json" --set "data.archive=$ARCHIVE" $MACHINE $BUDGET
+# shellcheck disable=SC2206
+settings=("data.archive=$ARCHIVE" $MACHINE $BUDGET)
 set +f
+set -- --table cifar10-gpu --root "$ROOT" --jobs "$JOBS" --deadline "$DEADLINE" --fail-fast --out "$OUT/results.json"
+for setting in "${settings[@]}"; do set -- "$@" --set "$setting"; done
+# `python -m stages` is `cart`, run from this checkout (a bare machine may not have it installed).
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 { echo "gpu_cifar10.sh $(date -u +%FT%TZ) on $(hostname)"; "$PY" -c 'import torch; print("torch", torch.__version__,
-  torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA: CPU")'; echo "bench/tables.py $*"; } \
+  torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA: CPU")'; echo "cart tables $*"; } \
   | tee "$OUT/run.txt"
 
 # Its own process group, so that stopping it at LIMIT stops the stages it started too.
-setsid "$PY" "$REPO/bench/tables.py" "$@" >>"$OUT/run.txt" 2>&1 &
+setsid "$PY" -m stages tables "$@" >>"$OUT/run.txt" 2>&1 &
 runner=$!
 (
   for ((second = 0; second < LIMIT; second++)); do
@@ -85,12 +88,12 @@ for log in "$ROOT"/*/log.txt; do
   [[ -f "$log" ]] && cp "$log" "$OUT/logs/$(basename "$(dirname "$log")").txt"
 done
 if [[ -f "$OUT/results.json" ]]; then
-  "$PY" "$REPO/bench/tables.py" --report "$OUT/results.json" >"$OUT/tables.md"
+  "$PY" -m stages tables --report "$OUT/results.json" >"$OUT/tables.md"
   cat "$OUT/tables.md"
 fi
 unfinished=$("$PY" -c 'import json, sys
 rows = json.load(open(sys.argv[1]))["rows"] if len(sys.argv) > 1 else {}
 print(" ".join(n for n, r in rows.items() if not r["finished"]) or "")' ${OUT:+"$OUT/results.json"} 2>/dev/null \
   || echo "all (no results file)")
-echo "bench/tables.py exit status $status; unfinished rows: ${unfinished:-none}; results in $OUT" | tee -a "$OUT/run.txt"
+echo "cart tables exit status $status; unfinished rows: ${unfinished:-none}; results in $OUT" | tee -a "$OUT/run.txt"
 [[ $status -eq 0 && -z "$unfinished" ]]

@@ -3,7 +3,7 @@
     python bench/reconstructions.py --run DIR [DIR ...] --images 256 --figure reconstructions.png
 
 Each DIR is laid out as the repository after `train_tokenizer` (`models/tokenizer`, `data/decomposed`): the
-workspace, a `dvc exp` checkout, or a `train_tokenizer-*` job directory of bench/tables.py. The first --images val
+workspace, a `dvc exp` checkout, or a `train_tokenizer-*` job directory of `cart tables`. The first --images val
 images of the run's own decomposed shards go through Algorithm 1 and 2 (`tokenize`, then `compose` of the first k
 maps and the decoder), and through the encoder and decoder alone (no quantisation: what the autoencoder itself
 keeps). Saturation is HSV's, (max − min) / max over the three channels, averaged over pixels: a tokenizer that

@@ -4,7 +4,7 @@
 
 Each DIR is a directory laid out as the repository after `train_transformer` (`params.yaml`, `models/transformer`,
 `models/tokenizer`): the workspace itself, a `dvc exp` checkout, or a `train_transformer-*` job directory of
-bench/tables.py. The run's own `transformer.sampling` settings are used (guidance, top-k/top-p, the moving average
+`cart tables`. The run's own `transformer.sampling` settings are used (guidance, top-k/top-p, the moving average
 of the weights where there is one); a diffusion head is timed at each of --diffusion-steps, a softmax head once.
 One batch of --batch images (labels cycling over the classes) is drawn per measurement with `sample_chunk`, the
 function `evaluate` and `sample-fid` draw with: the transformer's maps, then the tokenizer's decoder. Median of

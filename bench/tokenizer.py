@@ -25,7 +25,8 @@ from transformer import override  # bench/transformer.py: dotted --set overrides
 import pipeline
 from pipeline.config import build
 from pipeline.models.tokenizer import Tokenizer
-from pipeline.training.tokenizer_training import TokenizerConfig, TokenizerTask
+from pipeline.training.tokenizer_stage import TokenizerConfig
+from pipeline.training.tokenizer_training import TokenizerTask
 from pipeline.training.train import autocast_context
 
 

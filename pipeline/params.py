@@ -13,9 +13,9 @@ from pipeline.data.sources import DataConfig
 from pipeline.data.tokens import ExtractTokensConfig
 from pipeline.evaluation.evaluation import EvaluateConfig
 from pipeline.evaluation.sample_fid import SampleFidConfig
-from pipeline.models.evaluator import EvaluatorConfig
 from pipeline.plan import PlanConfig
-from pipeline.training.tokenizer_training import TokenizerConfig
+from pipeline.training.evaluator_training import EvaluatorConfig
+from pipeline.training.tokenizer_stage import TokenizerConfig
 from pipeline.training.transformer_training import TransformerConfig
 
 DEFAULT_PATH = Path("params.yaml")

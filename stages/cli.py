@@ -17,6 +17,7 @@ from stages import (
     sample,
     sample_fid,
     shard,
+    tables,
     train_evaluator,
     train_tokenizer,
     train_transformer,
@@ -45,6 +46,7 @@ app.command("sample")(sample.command)
 app.command("sample-fid")(sample_fid.command)
 app.command("reference-stats")(sample_fid.reference_stats_command)
 app.command("experiments")(experiments.command)
+app.command("tables")(tables.command)
 app.command("plan")(plan.command)
 app.command("import-var")(var_checkpoints.import_command)
 app.command("export-var")(var_checkpoints.export_command)

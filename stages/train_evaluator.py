@@ -23,8 +23,8 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
     from pipeline import atomic
     from pipeline.data.decomposed import split_shards
     from pipeline.data.shards import list_shards
-    from pipeline.models.evaluator import train_evaluator
     from pipeline.runtime import dist_from_env
+    from pipeline.training.evaluator_training import train_evaluator
     from pipeline.training.train import RunPaths
 
     p = load(params)

@@ -27,7 +27,7 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
     same budget for the Figure-7 comparison. Checkpoints every `tokenizer.train.checkpoint_every` steps: killed and
     rerun (also under `torchrun`), training resumes. Final weights: `models/tokenizer/tokenizer.safetensors` + `.json`.
     """
-    from pipeline.training.tokenizer_training import TokenizerPaths, train_tokenizers
+    from pipeline.training.tokenizer_stage import TokenizerPaths, train_tokenizers
 
     p = load(params)
     with progress() as bar:

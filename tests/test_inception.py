@@ -33,7 +33,7 @@ from pipeline.evaluation.metrics import (
     inception_extractor,
     metrics_from_features,
 )
-from pipeline.training.tokenizer_training import MissingWeights
+from pipeline.models.weights import MissingWeights
 
 runner = CliRunner()
 NAMES_INCEPTION = {f"{m}_inception" for m in ("fid", "kid", "kid_std", "precision", "recall")}

@@ -11,21 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data import shards
+from pipeline.data.labelled import decode_labelled
 from pipeline.evaluation.metrics import (
     MissingWeights,
     class_consistency,
     fidelity_metrics,
     reference_extractor,
 )
-from pipeline.models.evaluator import (
-    EvaluatorConfig,
-    ReferenceNet,
-    ReferenceNetConfig,
-    decode_labelled,
-    load_evaluator,
-    save_evaluator,
-    train_evaluator,
-)
+from pipeline.models.evaluator import ReferenceNet, ReferenceNetConfig, load_evaluator, save_evaluator
+from pipeline.training.evaluator_training import EvaluatorConfig, train_evaluator
 from pipeline.training.train import RunPaths, TrainConfig
 
 SMALL = ReferenceNetConfig(channels=8, stages=2, blocks=1, feature_dim=32)

@@ -14,8 +14,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pipeline.config import InvalidInput
+from pipeline.models.lpips import load_lpips
 from pipeline.models.tokenizer import Tokenizer, TokenizerModelConfig, TokenLayout, load_tokenizer, phi_choice
-from pipeline.training.tokenizer_training import MissingWeights, TokenizerLossConfig, TokenizerTask, load_lpips
+from pipeline.models.weights import MissingWeights
+from pipeline.training.tokenizer_training import TokenizerLossConfig, TokenizerTask
 from pipeline.training.train import TrainConfig
 from stages.cli import app
 
@@ -416,8 +418,7 @@ def test_a_var_structured_tokenizer_trains_a_step():
 
 
 def test_init_from_copies_every_tensor_into_a_tokenizer_of_any_order(tmp_path):
-    from pipeline.models.tokenizer import save_tokenizer
-    from pipeline.training.tokenizer_training import init_tokenizer_from
+    from pipeline.models.tokenizer import init_tokenizer_from, save_tokenizer
 
     save_tokenizer(tmp_path / "var", make(0, seed=1), 16)
     model = make(2, seed=2)
@@ -432,6 +433,19 @@ def test_init_from_copies_every_tensor_into_a_tokenizer_of_any_order(tmp_path):
         "codebook",
         "phi",
     ]
+
+
+def test_init_from_a_config_without_min_group_channels_is_refused_naming_the_key(tmp_path):
+    """No tokenizer a user can have lacks the key: such a file is reported, not read with a guessed norm rule."""
+    from pipeline.config import ConfigError
+    from pipeline.models.tokenizer import init_tokenizer_from, save_tokenizer
+
+    save_tokenizer(tmp_path / "old", make(0, seed=1), 16)
+    saved = json.loads((tmp_path / "old.json").read_text())
+    del saved["model"]["min_group_channels"]
+    (tmp_path / "old.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match="min_group_channels"):
+        init_tokenizer_from(make(2, seed=2), tmp_path / "old")
 
 
 def test_train_tokenizer_starts_from_init_from_and_keeps_its_codebook(workspace):
@@ -495,10 +509,10 @@ def test_init_from_that_does_not_fit_exits_2_naming_it_and_writes_nothing(worksp
 def test_the_highres_term_reads_real_2x_images_on_every_kth_step_and_resumes_in_its_stream(tiny_data):
     """Multi-scale training: every highres_every-th step also autoencodes real 2× train images (hr.png); a run
     resumed at any step draws the batch the uninterrupted run would."""
-    from pipeline.training.tokenizer_training import TokenizerConfig, highres_loaders
+    from pipeline.training.tokenizer_stage import TokenizerConfig, highres_term_loaders
 
     cfg = TokenizerConfig(loss=TokenizerLossConfig(highres_batch=4, highres_every=3))
-    (train, per_epoch), val = highres_loaders(tiny_data / "data" / "shards", cfg)
+    (train, per_epoch), val = highres_term_loaders(tiny_data / "data" / "shards", cfg)
 
     def task() -> TokenizerTask:
         torch.manual_seed(0)
@@ -515,11 +529,11 @@ def test_the_highres_term_reads_real_2x_images_on_every_kth_step_and_resumes_in_
 
 
 def test_the_highres_term_without_the_shards_is_an_error_not_a_silent_change_of_recipe(tmp_path):
-    from pipeline.training.tokenizer_training import TokenizerConfig, highres_loaders
+    from pipeline.training.tokenizer_stage import TokenizerConfig, highres_term_loaders
 
     with pytest.raises(InvalidInput, match="lambda_highres"):
-        highres_loaders(tmp_path / "data" / "shards", TokenizerConfig())
-    assert highres_loaders(tmp_path, TokenizerConfig(loss=TokenizerLossConfig(lambda_highres=0))) is None
+        highres_term_loaders(tmp_path / "data" / "shards", TokenizerConfig())
+    assert highres_term_loaders(tmp_path, TokenizerConfig(loss=TokenizerLossConfig(lambda_highres=0))) is None
 
 
 def test_train_tokenizer_logs_the_highres_term_and_the_2x_psnr(workspace):

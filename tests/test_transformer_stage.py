@@ -46,8 +46,7 @@ def test_stage_trains_saves_weights_and_val_loss_falls(tokens):
 
 
 def test_stage_starts_from_init_from_and_prints_what_it_copied(tokens):
-    from pipeline.models.transformer import save_transformer
-    from pipeline.training.transformer_training import build_model
+    from pipeline.models.transformer import build_model, save_transformer
 
     manifest = json.loads((tokens / "data" / "tokens" / "manifest.json").read_text())
     cfg = load_params(tokens / "params.yaml").transformer

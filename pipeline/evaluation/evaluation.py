@@ -84,8 +84,8 @@ def to_uint8(images_N3HW: torch.Tensor) -> torch.Tensor:
 
 def load_val_images(shards_dir: Path, highres: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(img_uint8_N3HW, labels_N) of the val split; ``highres``: the real 2× references of those that have one."""
+    from pipeline.data.labelled import decode_labelled, decode_labelled_highres, has_highres
     from pipeline.data.shards import decoded, read_samples
-    from pipeline.models.evaluator import decode_labelled, decode_labelled_highres, has_highres
 
     urls = split_shards(shards_dir / "val")
     if not urls:
@@ -125,8 +125,7 @@ def evaluate(
     from pipeline.evaluation.sampling import sample_sharded
     from pipeline.models.evaluator import load_evaluator
     from pipeline.models.tokenizer import load_tokenizer
-    from pipeline.models.transformer import load_transformer, sampling_stem
-    from pipeline.training.transformer_training import build_model
+    from pipeline.models.transformer import build_model, load_transformer, sampling_stem
 
     progress = progress or Silent()
     device = resolve_device(cfg.device)

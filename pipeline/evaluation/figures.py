@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 
 from pipeline import atomic
 from pipeline.data.decompose import details
+from pipeline.models.tokenizer import Tokenizer
 
 
 def _numpy(x) -> np.ndarray:
@@ -97,6 +98,22 @@ def image_grid(columns: list[tuple[str, torch.Tensor]], path: str | os.PathLike,
     if title:
         fig.suptitle(title, fontsize=9)
     _save(fig, path)
+
+
+def prefix_decodes_figure(
+    tokenizer: Tokenizer, image_B3HW: torch.Tensor, bases_BK3HW: torch.Tensor, path: str | os.PathLike
+) -> None:
+    """The tokenizer's reconstructions of a few images, one column per component prefix: each prefix decode beside
+    the base B_n … B_1 it should reproduce, and all maps beside I."""
+    indices = tokenizer.tokenize(image_B3HW, bases_BK3HW)
+    ends = tokenizer.layout.component_ends()
+    columns = [("input I", image_B3HW)]
+    for p, end in enumerate(ends):
+        label = "all maps ≈ I" if p == tokenizer.order else f"{end} maps ≈ B{tokenizer.order - p}"
+        columns.append((label, tokenizer.decode_prefix(indices, end)))
+    if tokenizer.order:
+        columns.insert(1, (f"B{tokenizer.order} (target)", bases_BK3HW[:, tokenizer.order - 1]))
+    image_grid(columns, path, title="Tokenizer reconstructions (val): prefix decodes")
 
 
 def labelled_rows(rows: list[tuple[str, torch.Tensor]], path: str | os.PathLike, title: str | None = None) -> None:

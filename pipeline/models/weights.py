@@ -13,6 +13,10 @@ from torch import nn
 from pipeline import atomic
 
 
+class MissingWeights(FileNotFoundError):
+    """Pretrained weights a network needs are not on this machine (they are never downloaded at run time)."""
+
+
 def save_weights(stem: str | Path, module: nn.Module, config: dict[str, Any]) -> None:
     stem = Path(stem)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}

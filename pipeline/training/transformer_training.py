@@ -19,7 +19,7 @@ import torch
 
 from pipeline import atomic
 from pipeline.config import ConfigError, Field, section
-from pipeline.data.tokens import decode_token_sample, layout_from_manifest, split_maps
+from pipeline.data.tokens import decode_token_sample, split_maps
 from pipeline.models.coarse import CoarseConfig, codebook_clusters
 from pipeline.models.diffusion import DiffusionConfig
 from pipeline.models.tokenizer import Tokenizer, TokenLayout, load_tokenizer
@@ -27,6 +27,7 @@ from pipeline.models.transformer import (
     CART,
     SamplingConfig,
     TransformerModelConfig,
+    build_model,
     ema_stem,
     forward_flops,
     save_transformer,
@@ -327,35 +328,6 @@ class TransformerPaths:
     checkpoints: Path  # persist
     live: Path  # persist: dvclive
     metrics: Path  # metrics/transformer.json
-
-
-def build_model(
-    cfg: TransformerModelConfig,
-    manifest: dict[str, Any],
-    seed: int,
-    *,
-    coarse_V: torch.Tensor | None = None,
-    diffusion: DiffusionConfig | None = None,
-) -> CART:
-    """A fresh transformer for the tokens of ``manifest``, initialised from ``seed``; with ``coarse_V`` (the coarse
-    label of every code) a coarse-to-fine one; with ``diffusion``, that diffusion head (continuous tokens), its
-    per-map scales the manifest's token RMS."""
-    torch.manual_seed(seed)
-    model = CART(
-        cfg,
-        layout_from_manifest(manifest),
-        len(manifest["classes"]),
-        manifest["codebook_size"],
-        manifest["latent_channels"],
-        clusters=0 if coarse_V is None else int(coarse_V.max()) + 1,
-        diffusion=diffusion,
-    )
-    if coarse_V is not None:
-        model.fine.set_clusters(coarse_V)
-    if diffusion is not None:
-        with torch.no_grad():
-            model.token_rms_M.copy_(torch.tensor(manifest["token_rms"]))
-    return model
 
 
 def run_settings(cfg: TransformerConfig) -> dict[str, Any]:

@@ -1,27 +1,20 @@
-"""bench/tables.py runs the README's tables: a stage is shared by rows exactly when its params and inputs agree."""
+"""`cart tables` (pipeline/tables.py) runs the README's tables: a stage is shared by rows exactly when its params
+and inputs agree."""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
+import json
 from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
+
+from pipeline import tables
+from stages.cli import app
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _tables():
-    spec = importlib.util.spec_from_file_location("bench_tables", REPO / "bench" / "tables.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-tables = _tables()
 
 
 def _rows(**overrides: dict) -> dict[str, dict]:
@@ -68,7 +61,7 @@ def test_an_override_of_a_key_the_params_file_lacks_is_refused():
 
 
 def test_every_row_of_the_shipped_tables_names_real_keys():
-    spec = yaml.safe_load((REPO / "bench" / "tables.yaml").read_text())
+    spec = yaml.safe_load((REPO / "params" / "tables.yaml").read_text())
     for table in spec.values():
         base = yaml.safe_load((REPO / table["params"]).read_text())
         for overrides in table["rows"].values():
@@ -135,8 +128,21 @@ def test_the_sweep_report_gives_each_setting_at_the_common_weight_and_at_its_own
 
 
 def test_the_shipped_guidance_sweeps_expand_and_keep_the_sampling_seed():
-    spec = yaml.safe_load((REPO / "bench" / "tables.yaml").read_text())
+    spec = yaml.safe_load((REPO / "params" / "tables.yaml").read_text())
     swept_tables = {name: table for name, table in spec.items() if "guidance" in table}
     assert swept_tables
     for table in swept_tables.values():
         assert tables.expand_guidance(table["rows"], table["guidance"])
+
+
+def test_the_command_reports_a_results_file_and_refuses_an_override_of_a_missing_key(tmp_path):
+    params = _rows(o3={})["o3"]
+    saved = {"table": "demo", "set": [], "tables": {"Orders": ["o3"]}, "rows": {"o3": _finished(params, 50.0)}}
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    result = CliRunner().invoke(app, ["tables", "--report", str(tmp_path / "results.json")])
+    assert result.exit_code == 0, result.output
+    assert "### Orders" in result.stdout and "| order 3 (o3) | 1 |" in result.stdout
+    typo = ["tables", "--table", "demo", "--root", str(tmp_path / "root"), "--set", "transformer.train.sed=1"]
+    result = CliRunner().invoke(app, typo)
+    assert result.exit_code == 2 and "transformer.train.sed" in result.output
+    assert not (tmp_path / "root").exists()

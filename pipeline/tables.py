@@ -1,11 +1,11 @@
 """The README's comparison tables, row by row: dvc.yaml's stages run once per distinct input, many at a time.
 
-    python bench/tables.py --table cifar10 --root /tmp/tables --jobs 8 --out bench/tables-cifar10.json \
+    cart tables --table cifar10 --root /tmp/tables --jobs 8 --out tables-cifar10.json \
         --set data.archive=/path/to/cifar-10-binary.tar.gz      # or leave it out: the shard stage downloads
-    python bench/tables.py --table demo --root /tmp/tables-demo --jobs 1 --only o0 o0-ctf
-    python bench/tables.py --report bench/tables-cifar10.json          # the markdown tables of a finished run
+    cart tables --table demo --root /tmp/tables-demo --jobs 1 --only o0 --only o0-ctf
+    cart tables --report tables-cifar10.json          # the markdown tables of a finished run
 
-A row is the table's params file with a few keys changed (bench/tables.yaml, as `dvc exp run -S key=value`
+A row is the table's params file with a few keys changed (params/tables.yaml, as `dvc exp run -S key=value`
 changes them). Each stage of dvc.yaml runs exactly as `dvc repro` runs it, `python -m stages <command>` in a
 directory of its own that holds the row's params.yaml and symbolic links to its upstream stages' outputs. A stage's
 directory is named by a hash of the params keys dvc.yaml lists for it and of its upstream stages' names, so rows
@@ -31,7 +31,6 @@ rows.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -41,16 +40,17 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from pipeline.evaluation.experiments import experiment_points, flatten, group_runs
 
-from pipeline.evaluation.experiments import experiment_points, flatten, group_runs  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent  # the checkout whose dvc.yaml, code and params files the rows run
+ROWS = REPO / "params" / "tables.yaml"
 
 CODE = ("pipeline", "stages")  # linked into every stage directory: dvc.yaml's code deps
 SKIPPED_STAGES = ("sample_fid",)  # the field's FID protocol needs Inception weights; the tables use FID_ref
@@ -175,7 +175,15 @@ def _prepare(job: Job, root: Path) -> Path:
     return directory
 
 
-def run(jobs: dict[str, Job], root: Path, parallel: int, deadline: float, fail_fast: bool, on_finish) -> None:
+def run(
+    jobs: dict[str, Job],
+    root: Path,
+    parallel: int,
+    deadline: float,
+    fail_fast: bool,
+    on_finish: Callable[[], None],
+    say: Callable[[str], None],
+) -> None:
     """Start every ready job in plan order, up to ``parallel`` at a time, until all are done or the deadline.
 
     With ``fail_fast``, a stage failing before any row has finished stops the run (the others are terminated:
@@ -200,14 +208,14 @@ def run(jobs: dict[str, Job], root: Path, parallel: int, deadline: float, fail_f
             job.status = "done" if code == 0 else "failed"
             if code == 0:
                 (root / job.name / ".done").write_text(f"{job.seconds:.1f}")
-            print(f"[{time.monotonic() - start:7.1f} s] {job.status:6s} {job.name} ({job.seconds:.1f} s)", flush=True)
+            say(f"[{time.monotonic() - start:7.1f} s] {job.status:6s} {job.name} ({job.seconds:.1f} s)")
             on_finish()
             if code != 0 and fail_fast and not any(jobs[n].status == "done" for n in finals):
                 for other in running:
                     other.process.terminate()
                     other.process.wait()
                     other.status = "failed"
-                print(f"stopped: {job.name} failed before any row finished (log: {root / job.name / 'log.txt'})")
+                say(f"stopped: {job.name} failed before any row finished (log: {root / job.name / 'log.txt'})")
                 on_finish()
                 return
         for job in list(pending):
@@ -229,7 +237,7 @@ def run(jobs: dict[str, Job], root: Path, parallel: int, deadline: float, fail_f
                 job.status = "running"
                 pending.remove(job)
                 running.append(job)
-                print(f"[{time.monotonic() - start:7.1f} s] start  {job.name} for {', '.join(job.rows)}", flush=True)
+                say(f"[{time.monotonic() - start:7.1f} s] start  {job.name} for {', '.join(job.rows)}")
         if late and not running:
             break
         time.sleep(0.5)
@@ -429,61 +437,63 @@ def report(saved: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The command
+# A table's run
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=Path, default=REPO / "bench" / "tables.yaml")
-    parser.add_argument("--table", help="the set of rows in --rows to run")
-    parser.add_argument("--only", nargs="*", help="just these rows (and what they need)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="for every row, e.g. the machine's")
-    parser.add_argument("--root", type=Path, default=Path("/tmp/cart-tables"))
-    parser.add_argument("--jobs", type=int, default=1, help="stages run at a time")
-    parser.add_argument("--deadline", type=float, default=math.inf, help="seconds after which no stage starts")
-    parser.add_argument("--fail-fast", action="store_true", help="stop if a stage fails before any row finishes")
-    parser.add_argument("--out", type=Path, help="results JSON, rewritten as stages finish")
-    parser.add_argument("--report", type=Path, help="print the markdown tables of a results JSON and stop")
-    args = parser.parse_args()
-
-    if args.report:
-        print(report(json.loads(args.report.read_text())))
-        return
-    spec = yaml.safe_load(args.rows.read_text())[args.table]
+def table_rows(
+    rows_file: Path, table: str, overrides: list[str], only: list[str] | None
+) -> tuple[dict[str, Any], dict[str, dict]]:
+    """The table's spec in ``rows_file`` and its rows' params: the table's params file (relative to the checkout)
+    with ``overrides`` (``key=value``, for every row) and then each row's keys changed; with ``only``, just those
+    rows (a swept table's ``<row>@w<w>`` with them)."""
+    spec = yaml.safe_load(rows_file.read_text())[table]
     base = yaml.safe_load((REPO / spec["params"]).read_text())
-    for item in args.set:
+    for item in overrides:
         key, value = item.split("=", 1)
         set_key(base, key, yaml.safe_load(value))
     rows = {}
     row_overrides = spec["rows"] if "guidance" not in spec else expand_guidance(spec["rows"], spec["guidance"])
-    only = args.only and {n for n in row_overrides if n.rsplit("@w", 1)[0] in args.only or n in args.only}
-    for name, overrides in row_overrides.items():
-        if args.only and name not in only:
+    chosen = only and {n for n in row_overrides if n.rsplit("@w", 1)[0] in only or n in only}
+    for name, changes in row_overrides.items():
+        if only and name not in chosen:
             continue
         params = copy.deepcopy(base)
-        for key, value in (overrides or {}).items():
+        for key, value in (changes or {}).items():
             set_key(params, key, value)
         rows[name] = params
+    return spec, rows
+
+
+def run_table(
+    table: str,
+    spec: dict[str, Any],
+    rows: dict[str, dict],
+    overrides: list[str],
+    root: Path,
+    parallel: int,
+    deadline: float,
+    fail_fast: bool,
+    out: Path | None,
+    say: Callable[[str], None],
+) -> None:
+    """Run the rows' stages (see the module's docstring); with ``out``, rewrite the results file as each stage
+    finishes and ``say`` the report at the end; ``say`` hears every line of progress."""
     jobs, row_jobs = plan(rows, read_stages(REPO / "dvc.yaml"))
-    print(f"{len(rows)} rows, {len(jobs)} distinct stages, {args.jobs} at a time", flush=True)
+    say(f"{len(rows)} rows, {len(jobs)} distinct stages, {parallel} at a time")
 
     def save() -> None:
-        if args.out:
-            saved = {"table": args.table, "set": args.set, "tables": spec["tables"]}
+        if out:
+            saved = {"table": table, "set": overrides, "tables": spec["tables"]}
             if "guidance" in spec:
                 saved["guidance"] = spec["guidance"]
-            saved["rows"] = results(rows, row_jobs, args.root)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = args.out.with_suffix(".tmp")
+            saved["rows"] = results(rows, row_jobs, root)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(".tmp")
             tmp.write_text(json.dumps(saved, indent=1))
-            tmp.replace(args.out)
+            tmp.replace(out)
 
-    args.root.mkdir(parents=True, exist_ok=True)
-    run(jobs, args.root, args.jobs, args.deadline, args.fail_fast, save)
+    root.mkdir(parents=True, exist_ok=True)
+    run(jobs, root, parallel, deadline, fail_fast, save, say)
     save()
-    if args.out:
-        print(report(json.loads(args.out.read_text())))
-
-
-if __name__ == "__main__":
-    main()
+    if out:
+        say(report(json.loads(out.read_text())))
