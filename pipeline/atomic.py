@@ -9,10 +9,13 @@ inputs and parameters (its fingerprint).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -157,10 +160,6 @@ def exclusive(lock: str | os.PathLike, what: str) -> Iterator[None]:
     An ``flock``: the kernel drops it when its holder exits, however it exits, so the file a killed run leaves
     behind never blocks the next one. The file keeps the holder's pid, host and start time for the message.
     """
-    import fcntl
-    import socket
-    import time
-
     lock = Path(lock)
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)

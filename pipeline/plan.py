@@ -19,8 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import Field, section
+from pipeline.data.sources import DEMO_PHOTOGRAPHS
+from pipeline.models.tokenizer import Tokenizer
+from pipeline.models.transformer import CART, forward_flops, sampling_flops
 
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ImageNet-1k's train split
 IMAGENET_CLASSES = 1000
@@ -107,8 +111,6 @@ class Plan:
 
 def dataset_size(params) -> tuple[int, int]:
     """(classes, train images) without reading data: plan's values, else the demo's counts or ImageNet-1k's."""
-    from pipeline.data.sources import DEMO_PHOTOGRAPHS
-
     cfg, data = params.plan, params.data
     demo = data.source == "demo"
     classes = cfg.classes or (len(DEMO_PHOTOGRAPHS) if demo else IMAGENET_CLASSES)
@@ -118,9 +120,6 @@ def dataset_size(params) -> tuple[int, int]:
 
 def build_on_meta(params, classes: int):
     """The tokenizer and transformer the params describe, on the meta device: every shape, no memory."""
-    from pipeline.models.tokenizer import Tokenizer
-    from pipeline.models.transformer import CART
-
     model = params.tokenizer.model
     with torch.device("meta"):
         tokenizer = Tokenizer(model, params.decompose.order, params.tokenizer.quantize)
@@ -139,8 +138,6 @@ def build_on_meta(params, classes: int):
 def convnet_flops(tokenizer, resolution: int) -> tuple[float, float]:
     """FLOPs of one image through the encoder and of its latent through the decoder (``FlopCounterMode``: 2 per
     multiply-add of convolutions, matrix products and attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     image = torch.empty(1, 3, resolution, resolution, device="meta")
     with FlopCounterMode(display=False) as encoding:
         latent = tokenizer.encode(image)
@@ -155,8 +152,6 @@ def map_labels(layout) -> list[str]:
 
 def make_plan(params) -> Plan:
     """Sizes, FLOPs, GPU-hours and training memory of the runs ``params`` describe."""
-    from pipeline.models.transformer import forward_flops, sampling_flops
-
     cfg = params.plan
     classes, train_images = dataset_size(params)
     tokenizer, transformer = build_on_meta(params, classes)

@@ -118,7 +118,7 @@ def test_every_command_explains_its_options():
     for name in commands:
         help_text = runner.invoke(app, [name, "--help"])
         assert help_text.exit_code == 0, name
-        if name not in ("experiments", "import-var", "export-var"):  # read `dvc exp show` or checkpoint files
+        if name not in ("experiments", "tables", "import-var", "export-var"):  # read dvc exp, rows or checkpoint files
             assert "--params" in help_text.output, name
 
 

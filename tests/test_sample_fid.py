@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from pipeline.config import InvalidInput
 from pipeline.data import shards
-from pipeline.evaluation import sampling
+from pipeline.evaluation import sample_fid, sampling
 from pipeline.evaluation.metrics import Images, inception_extractor
 from pipeline.evaluation.sample_fid import (
     features,
@@ -185,7 +185,7 @@ def test_pickled_inception_weights_are_refused_before_sampling_and_none_of_their
 
 def test_a_killed_sample_fid_keeps_its_chunks_and_ends_with_the_samples_of_an_uninterrupted_run(trained, monkeypatch):
     assert runner.invoke(app, ["sample-fid", "--out", "uninterrupted"]).exit_code == 0
-    real, calls, killed = sampling.sample_chunk, [], []
+    real, calls, killed = sample_fid.sample_chunk, [], []
 
     def dies_at_the_third_chunk(model, tokenizer, labels, cfg, chunk):
         calls.append(chunk)
@@ -194,7 +194,7 @@ def test_a_killed_sample_fid_keeps_its_chunks_and_ends_with_the_samples_of_an_un
             raise KeyboardInterrupt  # what SIGINT does; SIGKILL leaves the same partial directory
         return real(model, tokenizer, labels, cfg, chunk)
 
-    monkeypatch.setattr(sampling, "sample_chunk", dies_at_the_third_chunk)
+    monkeypatch.setattr(sample_fid, "sample_chunk", dies_at_the_third_chunk)
     assert runner.invoke(app, ["sample-fid"]).exit_code != 0
     kept = {p.name: p.stat().st_mtime_ns for p in Path("samples/.fid.partial/images").iterdir()}
     assert len(kept) == 2 * 5

@@ -21,6 +21,7 @@ previous tree or the finished one; ``prepared.json`` in it records the archive i
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import tarfile
 import zlib
@@ -260,7 +261,6 @@ def prepared(out: str | Path, archive: str | Path) -> dict[str, Any] | None:
     path = Path(out) / MANIFEST
     if not path.is_file() or not Path(archive).is_file():
         return None
-    import json
 
     manifest = json.loads(path.read_text())
     return manifest if manifest.get("fingerprint") == archive_fingerprint(Path(archive)) else None
@@ -269,6 +269,7 @@ def prepared(out: str | Path, archive: str | Path) -> dict[str, Any] | None:
 def download(root: str | Path) -> Path:
     """``root/cifar-10-python.tar.gz`` from CIFAR-10's site through torchvision's downloader (MD5-checked; a file
     already there with the right MD5 is kept). Only the archive is downloaded: ``prepare`` reads it."""
+    # lazy: torchvision adds ~2.9 s; only the download needs it
     from torchvision.datasets import CIFAR10
     from torchvision.datasets.utils import check_integrity, download_url
 

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from pipeline import atomic
-from pipeline.data import shards
+from pipeline.data import cifar10, shards
 from pipeline.data.sources import (
     DataConfig,
     Item,
@@ -63,7 +64,6 @@ _worker_cfg: DataConfig | None = None
 
 
 def _init_worker(cfg: DataConfig) -> None:
-    import cv2
 
     global _worker_cfg
     _worker_cfg = cfg  # sent once per worker, not with every image
@@ -161,8 +161,6 @@ def build_shards(cfg: DataConfig, out_dir: str | Path, progress: Progress | None
 
 def _with_cifar10(cfg: DataConfig, out_dir: Path, progress: Progress) -> DataConfig:
     """``cfg`` reading the train tree of CIFAR-10, unpacked (once per archive) to ``cifar10/`` beside the shards."""
-    from pipeline.data import cifar10
-
     tree = out_dir.parent / "cifar10"
     cifar10.ensure(cfg.archive, tree, out_dir.parent / "downloads", progress)
     return dataclasses.replace(cfg, source=str(tree / "train"))

@@ -8,14 +8,17 @@ shard stage can run it in worker processes and still write byte-identical output
 from __future__ import annotations
 
 import functools
+import io
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+import skimage.data
 from PIL import Image
 
 from pipeline.config import Field, section
@@ -156,8 +159,6 @@ class Skipped:
 @functools.cache
 def demo_photograph(name: str) -> np.ndarray:
     """An RGB uint8 photograph shipped with scikit-image (cached: every crop of a class reads the same one)."""
-    import skimage.data
-
     image = getattr(skimage.data, name)()
     if isinstance(image, tuple):  # stereo_motorcycle returns (left, right, disparity)
         image = image[0]
@@ -321,9 +322,6 @@ def load_file_item(item: Item, cfg: DataConfig) -> Loaded | Skipped:
 
 def _header_size(data: bytes) -> tuple[int, int] | None:
     """(height, width) from the header alone, so oversized images are refused before they are decoded."""
-    import io
-    import warnings
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

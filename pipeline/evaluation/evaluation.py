@@ -20,9 +20,28 @@ import torch
 
 from pipeline import atomic
 from pipeline.config import Field, section
-from pipeline.data.decompose import DecomposeConfig
+from pipeline.data.decompose import DecomposeConfig, decompose
 from pipeline.data.decomposed import split_shards
-from pipeline.evaluation.highres import HighresConfig
+from pipeline.data.labelled import decode_labelled, decode_labelled_highres, has_highres
+from pipeline.data.shards import decoded, read_samples
+from pipeline.data.tokens import decode_token_sample, layout_from_manifest, split_maps
+from pipeline.evaluation.highres import HighresConfig, generate_highres, highres_figure, reconstruct_highres, upsample
+from pipeline.evaluation.metrics import (
+    PRC_NEIGHBOURS,
+    batched,
+    build,
+    class_consistency,
+    features,
+    fidelity_metrics,
+    inception_available,
+    inception_extractor,
+    metrics_from_features,
+    reference_extractor,
+)
+from pipeline.evaluation.sampling import sample_images, sample_sharded
+from pipeline.models.evaluator import load_evaluator
+from pipeline.models.tokenizer import load_tokenizer
+from pipeline.models.transformer import build_model, load_transformer, sampling_stem
 from pipeline.progress import Progress, Silent
 from pipeline.runtime import init_data_parallel, resolve_device
 
@@ -84,9 +103,6 @@ def to_uint8(images_N3HW: torch.Tensor) -> torch.Tensor:
 
 def load_val_images(shards_dir: Path, highres: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(img_uint8_N3HW, labels_N) of the val split; ``highres``: the real 2× references of those that have one."""
-    from pipeline.data.labelled import decode_labelled, decode_labelled_highres, has_highres
-    from pipeline.data.shards import decoded, read_samples
-
     urls = split_shards(shards_dir / "val")
     if not urls:
         raise FileNotFoundError(f"{shards_dir / 'val'}: no val shards to compare the samples with")
@@ -109,23 +125,6 @@ def evaluate(
     ``decompose_cfg`` (the decompose stage's parameters) decomposes the real 2× val images for the 2× ceiling.
     Under torchrun every rank samples its share; rank 0 measures, writes and returns the metrics (others: None).
     """
-    from pipeline.data.shards import decoded, read_samples
-    from pipeline.data.tokens import decode_token_sample, layout_from_manifest, split_maps
-    from pipeline.evaluation.metrics import (
-        batched,
-        build,
-        class_consistency,
-        features,
-        fidelity_metrics,
-        inception_available,
-        inception_extractor,
-        metrics_from_features,
-        reference_extractor,
-    )
-    from pipeline.evaluation.sampling import sample_sharded
-    from pipeline.models.evaluator import load_evaluator
-    from pipeline.models.tokenizer import load_tokenizer
-    from pipeline.models.transformer import build_model, load_transformer, sampling_stem
 
     progress = progress or Silent()
     device = resolve_device(cfg.device)
@@ -213,10 +212,6 @@ def highres_metrics(
     """Generation at highres_scale× against the real val images of that size, through the reference network
     trained at that size: CART's tiles, bilinear and bicubic upsampling of the plain samples, and the tokenizer's
     own tiled reconstruction of the real images (the ceiling). Names end in ``_<scale>x``."""
-    from pipeline.data.decompose import decompose
-    from pipeline.evaluation.highres import generate_highres, reconstruct_highres, upsample
-    from pipeline.evaluation.metrics import PRC_NEIGHBOURS, class_consistency, fidelity_metrics, reference_extractor
-    from pipeline.models.evaluator import load_evaluator
 
     s = cfg.highres_scale
     val_uint8, _ = load_val_images(paths.shards, highres=True)
@@ -262,10 +257,8 @@ def highres_metrics(
 
 def _figures(model, tokenizer, samples, classes, cfg: EvaluateConfig, sampling, reports: Path, device) -> None:
     """Sample grid per class, the Figure-1 strip, the decomposition of a generated image, Figure 6."""
-    from pipeline.data.decompose import DecomposeConfig, decompose
+    # lazy: matplotlib adds ~0.8 s to every stage's start (pipeline.params imports this module)
     from pipeline.evaluation.figures import decomposition_figure, image_grid, labelled_rows
-    from pipeline.evaluation.highres import highres_figure
-    from pipeline.evaluation.sampling import sample_images
 
     reports.mkdir(parents=True, exist_ok=True)
     per = cfg.samples_per_class

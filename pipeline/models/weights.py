@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline import atomic
+from pipeline.config import ConfigError
 
 
 class MissingWeights(FileNotFoundError):
@@ -35,8 +36,6 @@ def load_config(stem: str | Path) -> dict[str, Any]:
 def load_init_source(stem: str | Path, key: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Config and tensors of the model a training starts from (``key``, e.g. ``tokenizer.init_from``): a missing
     or unreadable file is a bad parameter (``ConfigError``), reported before anything is written."""
-    from pipeline.config import ConfigError
-
     try:
         return load_config(stem), load_state(stem)
     except Exception as err:  # missing files, bad JSON, a truncated safetensors file: all a bad parameter here

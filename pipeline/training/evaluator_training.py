@@ -16,9 +16,11 @@ from pipeline import atomic
 from pipeline.config import Field, section
 from pipeline.data import shards
 from pipeline.data.labelled import decode_labelled, decode_labelled_highres, has_highres
+from pipeline.data.loader import ShardLoader
 from pipeline.models.evaluator import ReferenceNet, ReferenceNetConfig, save_evaluator
 from pipeline.progress import Progress
-from pipeline.training.train import Phase, RunPaths, TrainConfig, adamw, decay_groups
+from pipeline.runtime import dist_from_env
+from pipeline.training.train import Phase, RunPaths, TrainConfig, adamw, decay_groups, shard_training_loader, train
 
 
 @section
@@ -137,10 +139,6 @@ def train_evaluator(
     With ``highres_count`` (how many train samples hold a 2× reference) it learns the 2× images (``hr.png``) at
     ``resolution`` instead: the feature network of the ``*_2x`` metrics, which must see real detail at that size.
     """
-    from pipeline.data.loader import ShardLoader
-    from pipeline.runtime import dist_from_env
-    from pipeline.training.train import shard_training_loader, train
-
     if not train_shards or not val_shards:
         raise FileNotFoundError("the reference classifier needs train and val shards (it is measured on val)")
     if highres_count is None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from dvclive import Live
+
 from pipeline import atomic
 
 
@@ -39,7 +41,6 @@ def _files_only_live(directory: Path, resume: bool):
     Its Git and DVC integration (experiment names, Studio) is of no use here and is harmful: in a Git repository
     without a commit it stops with ``SCMError: Empty git repo``, and in one without DVC it runs ``dvc init``.
     """
-    from dvclive import Live
 
     class FilesOnly(Live):
         def _init_dvc(self) -> None:

@@ -15,14 +15,17 @@ from torch import nn
 
 from pipeline import atomic
 from pipeline.config import Field, InvalidInput, section
+from pipeline.data.decomposed import decode_training_sample, split_shards
 from pipeline.data.labelled import highres_loaders
+from pipeline.data.loader import ShardLoader
 from pipeline.evaluation.tokenizer import evaluate_tokenizer, highres_psnr, psnr
 from pipeline.models.lpips import load_lpips
 from pipeline.models.tokenizer import Tokenizer, TokenizerModelConfig, init_tokenizer_from, save_tokenizer
-from pipeline.models.weights import MissingWeights
+from pipeline.models.weights import MissingWeights, init_fingerprint
 from pipeline.progress import Progress
+from pipeline.runtime import dist_from_env
 from pipeline.training.tokenizer_training import TokenizerLossConfig, TokenizerTask
-from pipeline.training.train import TrainConfig
+from pipeline.training.train import RunPaths, TrainConfig, shard_training_loader, train
 
 
 @section
@@ -104,12 +107,6 @@ def train_tokenizers(
     """Train every variant (resuming from matching checkpoints), save weights, evaluate, draw the figures.
 
     With ``cfg.init_from`` every variant starts from that tokenizer; ``log`` hears what was copied."""
-    from pipeline.data.decomposed import decode_training_sample, split_shards
-    from pipeline.data.loader import ShardLoader
-    from pipeline.models.weights import init_fingerprint
-    from pipeline.runtime import dist_from_env
-    from pipeline.training.train import RunPaths, shard_training_loader, train
-
     perceptual = load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_weights) if cfg.loss.lambda_perceptual > 0 else None
     manifest = json.loads((paths.data / "manifest.json").read_text())
     if manifest["order"] != order:
@@ -195,6 +192,7 @@ def _lpips_if_available(cfg: TokenizerLossConfig) -> nn.Module | None:
 
 
 def _report(results: dict[str, dict[str, Any]], main: Tokenizer, val_loader, paths: TokenizerPaths) -> None:
+    # lazy: matplotlib adds ~0.8 s to every stage's start (pipeline.params imports this module)
     from pipeline.evaluation.figures import depth_curves_figure, prefix_decodes_figure
 
     scalars = {name: {k: v for k, v in r.items() if not isinstance(v, list)} for name, r in results.items()}

@@ -24,7 +24,7 @@ from pipeline.config import Field, section
 from pipeline.evaluation.tokenizer import evaluate_tokenizer, psnr
 from pipeline.models.convnets import PatchDiscriminator
 from pipeline.models.tokenizer import Tokenizer
-from pipeline.training.train import Phase, TrainConfig, adamw, decay_groups
+from pipeline.training.train import Phase, TrainConfig, adamw, batches_from, decay_groups
 
 
 @section
@@ -187,8 +187,6 @@ class TokenizerTask:
         if self.highres_loader is None or self.cfg.lambda_highres == 0 or step % self.cfg.highres_every:
             return None
         if self._highres_stream is None:
-            from pipeline.training.train import batches_from
-
             loader, per_epoch = self.highres_loader
             done = -(-step // self.cfg.highres_every)  # highres batches the steps before this one drew
             self._highres_stream = batches_from(loader.epoch, per_epoch, done)

@@ -19,6 +19,8 @@ import torch
 
 from pipeline import atomic
 from pipeline.config import ConfigError, Field, section
+from pipeline.data.decomposed import split_shards
+from pipeline.data.loader import ShardLoader
 from pipeline.data.tokens import decode_token_sample, split_maps
 from pipeline.models.coarse import CoarseConfig, codebook_clusters
 from pipeline.models.diffusion import DiffusionConfig
@@ -33,9 +35,21 @@ from pipeline.models.transformer import (
     save_transformer,
     teacher_forcing_inputs,
 )
+from pipeline.models.weights import init_fingerprint, load_init_source
 from pipeline.progress import Progress
+from pipeline.runtime import dist_from_env
 from pipeline.training.self_correction import SelfCorrectionConfig, self_correct
-from pipeline.training.train import Phase, RunPaths, TrainConfig, adamw, decay_groups, ema_copy, ema_update
+from pipeline.training.train import (
+    Phase,
+    RunPaths,
+    TrainConfig,
+    adamw,
+    decay_groups,
+    ema_copy,
+    ema_update,
+    shard_training_loader,
+    train,
+)
 
 
 @section
@@ -278,9 +292,6 @@ def init_transformer_from(model: CART, stem: str | Path) -> InitReport:
     both layouts begin with: VAR's base maps open every CART layout, so a CART transformer keeps VAR's embeddings
     of the base and learns those of its detail maps. A different width leaves nothing to copy: ``ConfigError``.
     """
-    from pipeline.config import ConfigError
-    from pipeline.models.weights import load_init_source
-
     config, state = load_init_source(stem, "transformer.init_from")
     ours = model.state_dict()
     width = model.cfg.resolved_width
@@ -354,12 +365,6 @@ def train_transformer(
     """Train (resuming from a matching checkpoint), save the weights, return val metrics before and after.
 
     With ``cfg.init_from`` the model starts from that transformer; ``log`` hears what was copied and what not."""
-    from pipeline.data.decomposed import split_shards
-    from pipeline.data.loader import ShardLoader
-    from pipeline.models.weights import init_fingerprint
-    from pipeline.runtime import dist_from_env
-    from pipeline.training.train import shard_training_loader, train
-
     manifest = json.loads((paths.tokens / "manifest.json").read_text())
     tokenizer, tokenizer_config = load_tokenizer(paths.tokenizer)
     if tokenizer_config["layout"] != manifest["layout"]:
