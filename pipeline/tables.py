@@ -47,13 +47,15 @@ from typing import Any
 
 import yaml
 
-from pipeline.evaluation.experiments import experiment_points, flatten, group_runs
+from pipeline.evaluation.experiments import cell, experiment_points, flatten, group_runs
 
 REPO = Path(__file__).resolve().parent.parent  # the checkout whose dvc.yaml, code and params files the rows run
 ROWS = REPO / "params" / "tables.yaml"
 
 CODE = ("pipeline", "stages")  # linked into every stage directory: dvc.yaml's code deps
-SKIPPED_STAGES = ("sample_fid",)  # the field's FID protocol needs Inception weights; the tables use FID_ref
+# sample_fid's protocol (thousands of samples against a dataset's reference statistics) is run on its own: the
+# tables' FIDs are evaluate's (Inception first, FID_ref second), against the val images.
+SKIPPED_STAGES = ("sample_fid",)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -298,26 +300,17 @@ def _mean_std(row: dict, key: str, values: list[float]) -> None:
 
 
 def settings(finished: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The finished runs grouped by setting (seeds averaged) as ``group_runs`` rows, with the untrained floor and
-    the training cost (mean and sample std over the seeds) added."""
+    """The finished runs grouped by setting (seeds averaged) as ``group_runs`` rows, with the training cost (mean
+    and sample std over the seeds) added."""
     points_in = [_row_point(n, r) for n, r in finished.items()]
     names = sorted({k for p in points_in for k in flatten(finished[p["Experiment"]]["params"])})
     points = experiment_points(points_in, names, lambda p: flatten(finished[p["Experiment"]]["params"]))
     rows = group_runs(points)
     for row in rows:
-        # The untrained transformer's FID: a trained model that does not beat it has not learnt to generate.
-        evals = [finished[n]["metrics"]["metrics/eval.json"] for n in row["names"]]
-        _mean_std(row, "floor", [e.get("untrained_fid_ref", math.nan) for e in evals])
         costs = [row_cost(finished[n]) for n in row["names"]]
         for key in ("train_flops", "train_seconds"):
             _mean_std(row, key, [c[key] for c in costs])
     return rows
-
-
-def _cell(row: dict, key: str, digits: int) -> str:
-    if not math.isfinite(row[key]):
-        return "–"
-    return f"{row[key]:.{digits}f}" + (f" ± {row[key + '_std']:.{digits}f}" if row["runs"] > 1 else "")
 
 
 def _short(value: Any) -> Any:
@@ -333,7 +326,29 @@ def _cost_cells(row: dict[str, Any]) -> str:
     minutes = {"train_seconds": row["train_seconds"] / 60, "train_seconds_std": row["train_seconds_std"] / 60}
     return (
         f"| {row['train_flops_per_image'] / 1e9:.2f} | {row['train_flops'] / 1e15:.3f} "
-        f"| {_cell(minutes | {'runs': row['runs']}, 'train_seconds', 1)} "
+        f"| {cell(minutes | {'runs': row['runs']}, 'train_seconds', 1)} "
+    )
+
+
+def _fid_set(row: dict[str, Any]) -> str:
+    """What the row's FIDs were measured on, and why a row has no Inception FID."""
+    return "; ".join(text for text in (row["fid_set"], row["inception_note"]) if text) or "–"
+
+
+# Every table's FID columns: the field's FID (Inception) with its ceiling and floor, what it was measured on, then
+# FID_ref with its own (secondary: comparable only between runs sharing the reference classifier).
+def _fid_header(where: str = "") -> str:
+    return (
+        f"| FID (Inception){where} ↓ | ceiling | untrained floor | FID measured on | FID_ref{where} ↓ "
+        "| ceiling FID_ref | untrained floor FID_ref "
+    )
+
+
+def _fid_cells(row: dict[str, Any]) -> str:
+    return (
+        f"| {cell(row, 'fid_inception', 2)} | {cell(row, 'reconstruction_fid_inception', 2)} "
+        f"| {cell(row, 'untrained_fid_inception', 2)} | {_fid_set(row)} | {cell(row, 'fid_ref', 2)} "
+        f"| {cell(row, 'reconstruction_fid_ref', 2)} | {cell(row, 'untrained_fid_ref', 2)} "
     )
 
 
@@ -342,19 +357,17 @@ def markdown(table_rows: dict[str, dict[str, Any]], group: list[str]) -> str:
     finished = {name: table_rows[name] for name in group if table_rows.get(name, {}).get("finished")}
     if not finished:
         return "(no finished row)\n"
-    lines = [
-        "| setting | runs | tokens | maps | transformer params | train GFLOP/image | transformer train PFLOP "
-        "| train wall min | FID_ref ↓ | ceiling FID_ref | untrained floor | class consistency ↑ | precision | recall "
-        "| sampling images/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = (
+        f"| setting | runs {_fid_header()}| class consistency ↑ | precision_ref | recall_ref | tokens | maps "
+        "| transformer params | train GFLOP/image | transformer train PFLOP | train wall min | sampling images/s |"
+    )
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for row in settings(finished):
         lines.append(
-            f"| {_label(row, row['names'])} | {row['runs']} | {row['tokens']:.0f} | {row['maps']:.0f} "
-            f"| {row['parameters'] / 1e6:.2f} M {_cost_cells(row)}"
-            f"| {_cell(row, 'fid_ref', 2)} | {_cell(row, 'reconstruction_fid_ref', 2)} | {_cell(row, 'floor', 2)} "
-            f"| {_cell(row, 'class_consistency_ref', 3)} | {_cell(row, 'precision_ref', 3)} "
-            f"| {_cell(row, 'recall_ref', 3)} | {_cell(row, 'sampling_images_per_s', 1)} |"
+            f"| {_label(row, row['names'])} | {row['runs']} {_fid_cells(row)}"
+            f"| {cell(row, 'class_consistency_ref', 3)} | {cell(row, 'precision_ref', 3)} "
+            f"| {cell(row, 'recall_ref', 3)} | {row['tokens']:.0f} | {row['maps']:.0f} "
+            f"| {row['parameters'] / 1e6:.2f} M {_cost_cells(row)}| {cell(row, 'sampling_images_per_s', 1)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -388,8 +401,9 @@ def expand_guidance(rows: dict[str, dict | None], guidance: dict[str, Any]) -> d
 
 
 def markdown_sweep(table_rows: dict[str, dict[str, Any]], group: list[str], guidance: dict[str, Any]) -> str:
-    """One line per setting: FID_ref at the common weight and at the setting's own best weight of the sweep (the
-    lowest mean over its seeds), with the cost beside them."""
+    """One line per setting: its FID at the common weight and at its own best weight of the sweep (the lowest mean
+    over its seeds of the Inception FID, or of FID_ref where a weight's runs lack the Inception FID), with the
+    cost beside them."""
     common = float(guidance["common"])
     by_weight: dict[float, dict[str, dict[str, Any]]] = {}
     for weight in (float(w) for w in guidance["sweep"]):
@@ -400,21 +414,24 @@ def markdown_sweep(table_rows: dict[str, dict[str, Any]], group: list[str], guid
     keys = list(dict.fromkeys(k for rows in by_weight.values() for k in rows))
     if not keys:
         return "(no finished row)\n"
-    lines = [
-        "| setting | runs | tokens | train GFLOP/image | transformer train PFLOP | train wall min "
-        f"| FID_ref at w={common:g} ↓ | best w | FID_ref at best w ↓ | ceiling FID_ref | untrained floor "
-        "| FID_ref at each w |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = (
+        f"| setting | runs | FID (Inception) at w={common:g} ↓ | best w {_fid_header(' at best w')}"
+        f"| FID_ref at w={common:g} | FID at each w (Inception; FID_ref where a row has none) | tokens "
+        "| train GFLOP/image | transformer train PFLOP | train wall min |"
+    )
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for key in keys:
         at = {w: rows[key] for w, rows in by_weight.items() if key in rows}
-        best = min(at, key=lambda w: at[w]["fid_ref"] if math.isfinite(at[w]["fid_ref"]) else math.inf)
+        lead = "fid_inception" if all(math.isfinite(r["fid_inception"]) for r in at.values()) else "fid_ref"
+        best = min(at, key=lambda w: at[w][lead] if math.isfinite(at[w][lead]) else math.inf)
         row = at[best]
-        each = ", ".join(f"{w:g}: {at[w]['fid_ref']:.2f}" for w in sorted(at))
+        each = ", ".join(f"{w:g}: {at[w][lead]:.2f}" for w in sorted(at))
         lines.append(
-            f"| {_label(row, list(key))} | {row['runs']} | {row['tokens']:.0f} {_cost_cells(row)}"
-            f"| {_cell(at[common], 'fid_ref', 2) if common in at else '–'} | {best:g} | {_cell(row, 'fid_ref', 2)} "
-            f"| {_cell(row, 'reconstruction_fid_ref', 2)} | {_cell(row, 'floor', 2)} | {each} |"
+            f"| {_label(row, list(key))} | {row['runs']} "
+            f"| {cell(at[common], 'fid_inception', 2) if common in at else '–'} "
+            f"| {best:g}{'' if lead == 'fid_inception' else ' (by FID_ref)'} {_fid_cells(row)}"
+            f"| {cell(at[common], 'fid_ref', 2) if common in at else '–'} | {each} | {row['tokens']:.0f} "
+            f"{_cost_cells(row)}|"
         )
     return "\n".join(lines) + "\n"
 

@@ -57,7 +57,7 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
         rows.append(("FID (Inception)", f"not computed: the FID network is not installed: {INSTALL}"))
     rows.append(
         (
-            "FID (ref)",
+            f"FID (ref, {m['samples']} samples vs {m['val_images']} val images)",
             f"{m['fid_ref']:.2f} (ceiling {m['reconstruction_fid_ref']:.2f}, untrained {m['untrained_fid_ref']:.2f})",
         )
     )
@@ -75,7 +75,7 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
         s = m["highres_scale"]
         rows.append(
             (
-                f"×{s} FID (ref {s}×, {m[f'val_images_{s}x']} real {s}× val images)",
+                f"×{s} FID (ref {s}×, {m[f'samples_{s}x']} samples vs {m[f'val_images_{s}x']} real {s}× val images)",
                 f"CART {m[f'fid_ref_{s}x']:.2f}, bilinear {m[f'bilinear_fid_ref_{s}x']:.2f}, bicubic "
                 f"{m[f'bicubic_fid_ref_{s}x']:.2f} (ceiling {m[f'reconstruction_fid_ref_{s}x']:.2f})",
             )

@@ -14,6 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from pipeline.evaluation.evaluation import HEADLINE
 from pipeline.evaluation.highres import HighresConfig, cut_tiles, generate_highres, join_tiles, tile_starts
 from pipeline.models.tokenizer import load_tokenizer
 from pipeline.models.transformer import load_transformer
@@ -51,6 +52,18 @@ def test_evaluate_writes_suffixed_metrics_with_ceiling_floor_and_figures(trained
     assert "FID (Inception, 32 samples vs" in result.output
     assert 0 <= metrics["class_consistency_ref"] <= 1
     assert metrics["samples"] == 8 * 4
+    # Every FID says what it was measured on: how many images (the samples, or the ceiling's reconstructions)
+    # against which reference set and how many of its images; the headline numbers come first in the file.
+    assert list(metrics)[: len(HEADLINE)] == list(HEADLINE)
+    assert metrics["reconstructions"] == metrics["val_images"]  # the ceiling reconstructs every val image
+    for key in (k for k in metrics if "fid_" in k):
+        scale = re.search(r"_\dx$", key)
+        suffix = scale.group() if scale else ""
+        images = ("reconstructions" if key.startswith("reconstruction_") else "samples") + suffix
+        assert metrics[images] > 0 and metrics[f"val_images{suffix}"] > 0, key
+        assert metrics[f"reference_set{suffix}"] == ("val_2x" if suffix else "val"), key
+    assert metrics["samples_2x"] == 8 * load_params(Path("params.yaml")).evaluate.highres_per_class
+    assert metrics["reconstructions_2x"] == metrics["val_images_2x"]
     # Generation at 2× against the real 2× val images, through the network trained at 2×; the names say so.
     for route in ("", "bilinear_", "bicubic_", "reconstruction_"):
         for name in ("fid", "kid", "precision", "recall"):

@@ -88,17 +88,69 @@ def test_a_guidance_sweep_evaluates_each_row_at_every_weight_and_trains_it_once(
         tables.expand_guidance({"o0": {}}, {"common": 2.0, "sweep": [1.0, 3.0]})
 
 
-def _finished(params: dict, fid: float, floor: float = 80.0, seconds: float = 60.0) -> dict:
+def _finished(
+    params: dict, fid: float, floor: float = 80.0, seconds: float = 60.0, inception: float | None = None
+) -> dict:
+    """A finished row's results; ``inception``: its Inception FID (None: a row recorded without it)."""
+    evaluation = {"fid_ref": fid, "reconstruction_fid_ref": 30.0, "untrained_fid_ref": floor}
+    if inception is not None:
+        evaluation |= {
+            "fid_inception": inception,
+            "reconstruction_fid_inception": 20.0,
+            "untrained_fid_inception": 90.0,
+        }
+        evaluation |= {"samples": 512, "reconstructions": 512, "val_images": 512, "reference_set": "val"}
     return {
         "finished": True,
         "params": params,
         "metrics": {
-            "metrics/eval.json": {"fid_ref": fid, "reconstruction_fid_ref": 30.0, "untrained_fid_ref": floor},
+            "metrics/eval.json": evaluation,
             "metrics/transformer.json": {"tokens": 10, "maps": 2, "parameters": 1e6, "train_flops_per_image": 1e9},
         },
         "seconds": dict.fromkeys(tables.TRAINING_STAGES, seconds),
         "failed": {},
     }
+
+
+def _cells(text: str) -> dict[str, dict[str, str]]:
+    """A markdown table as {the row's order: {header: cell}} (every line has a cell per header)."""
+    header, _, *lines = text.splitlines()
+    names = [h.strip() for h in header.split("|")[1:-1]]
+    out = {}
+    for line in lines:
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        assert len(cells) == len(names), line
+        out[cells[0].split(" ")[1].rstrip(",")] = dict(zip(names, cells, strict=True))
+    return out
+
+
+def test_the_markdown_tables_lead_with_the_inception_fid_and_say_what_it_was_measured_on():
+    params = _rows(o0={"decompose.order": 0}, o0_s1={"decompose.order": 0, "transformer.train.seed": 1}, o3={})
+    rows = {
+        "o0": _finished(params["o0"], 50.0, inception=30.0),
+        "o0_s1": _finished(params["o0_s1"], 54.0),  # recorded before the Inception FID: averaged in FID_ref only
+        "o3": _finished(params["o3"], 65.0),
+    }
+    text = tables.markdown(rows, ["o0", "o0_s1", "o3"])
+    header = [h.strip() for h in text.splitlines()[0].split("|")[1:-1]]
+    assert header[:9] == [
+        "setting",
+        "runs",
+        "FID (Inception) ↓",
+        "ceiling",
+        "untrained floor",
+        "FID measured on",
+        "FID_ref ↓",
+        "ceiling FID_ref",
+        "untrained floor FID_ref",
+    ]
+    o0, o3 = (_cells(text)[k] for k in ("0", "3"))
+    assert o0["runs"] == "2" and o0["FID (Inception) ↓"] == "30.00 (1 of 2 runs)"
+    assert o0["ceiling"] == "20.00 (1 of 2 runs)" and o0["untrained floor"] == "90.00 (1 of 2 runs)"
+    assert o0["FID measured on"].startswith("512 samples vs 512 val images; no Inception FID recorded")
+    assert o0["FID_ref ↓"] == "52.00 ± 2.83" and o0["untrained floor FID_ref"] == "80.00 ± 0.00"
+    assert o3["FID (Inception) ↓"] == "–" and o3["FID_ref ↓"] == "65.00" and o3["ceiling FID_ref"] == "30.00"
+    assert o3["FID measured on"].startswith("no Inception FID recorded")
 
 
 def test_the_sweep_report_gives_each_setting_at_the_common_weight_and_at_its_own_best():
@@ -108,23 +160,38 @@ def test_the_sweep_report_gives_each_setting_at_the_common_weight_and_at_its_own
         guidance,
     )
     params = _rows(**overrides)
-    # order 0 is best at w = 3 on the mean of its two seeds; order 3 at w = 1.5.
+    # Order 0 is best at w = 1.5 by the mean Inception FID of its two seeds (at w = 3 by FID_ref, which does not
+    # choose); order 3 has no Inception FID (recorded before it): best by FID_ref, at w = 1.5, and marked so.
     fids = {"o0": {1.0: 60, 1.5: 55, 3.0: 50}, "o0-s1": {1.0: 58, 1.5: 57, 3.0: 54}, "o3": {1.0: 70, 1.5: 65, 3.0: 66}}
+    inception = {"o0": {1.0: 40, 1.5: 30, 3.0: 35}, "o0-s1": {1.0: 42, 1.5: 34, 3.0: 37}}
     rows = {
-        tables.swept(n, w): _finished(params[tables.swept(n, w)], fid, seconds=30.0 if n == "o0-s1" else 60.0)
+        tables.swept(n, w): _finished(
+            params[tables.swept(n, w)],
+            fid,
+            seconds=30.0 if n == "o0-s1" else 60.0,
+            inception=inception.get(n, {}).get(w),
+        )
         for n, by_w in fids.items()
         for w, fid in by_w.items()
     }
     text = tables.markdown_sweep(rows, ["o0", "o0-s1", "o3"], guidance)
-    lines = {line.split("|")[1].strip().split(" ")[1].rstrip(","): line.split("|") for line in text.splitlines()[2:]}
+    assert text.splitlines()[0].startswith("| setting | runs | FID (Inception) at w=1.5 ↓ | best w | FID (Inception)")
     train = params["o0@w1"]["transformer"]["train"]
     steps, batch = train["steps"], train["batch_size"]
-    o0, o3 = (lines[k] for k in ("0", "3"))
-    assert o0[2].strip() == "2"  # two seeds
-    assert o0[7].strip() == "56.00 ± 1.41" and o0[8].strip() == "3" and o0[9].strip() == "52.00 ± 2.83"
-    assert o3[7].strip() == "65.00" and o3[8].strip() == "1.5" and o3[9].strip() == "65.00"
-    assert float(o0[5]) == pytest.approx(1e9 * steps * batch / 1e15, abs=1e-3)  # transformer training PFLOP
-    assert o0[6].strip() == "3.0 ± 1.4"  # wall minutes of the four training stages: 4 and 2, mean ± sample std
+    o0, o3 = (_cells(text)[k] for k in ("0", "3"))
+    assert o0["runs"] == "2"  # two seeds
+    assert o0["FID (Inception) at w=1.5 ↓"] == "32.00 ± 2.83" and o0["best w"] == "1.5"
+    assert (
+        o0["FID (Inception) at best w ↓"] == "32.00 ± 2.83" and o0["FID measured on"] == "512 samples vs 512 val images"
+    )
+    assert o0["FID_ref at best w ↓"] == "56.00 ± 1.41" and o0["FID_ref at w=1.5"] == "56.00 ± 1.41"
+    assert o0["FID at each w (Inception; FID_ref where a row has none)"] == "1: 41.00, 1.5: 32.00, 3: 36.00"
+    assert o3["FID (Inception) at w=1.5 ↓"] == "–" and o3["best w"] == "1.5 (by FID_ref)"
+    assert o3["FID_ref at best w ↓"] == "65.00" and o3["FID at each w (Inception; FID_ref where a row has none)"] == (
+        "1: 70.00, 1.5: 65.00, 3: 66.00"
+    )
+    assert float(o0["transformer train PFLOP"]) == pytest.approx(1e9 * steps * batch / 1e15, abs=1e-3)
+    assert o0["train wall min"] == "3.0 ± 1.4"  # wall minutes of the four training stages: 4 and 2, mean ± sample std
 
 
 def test_the_shipped_guidance_sweeps_expand_and_keep_the_sampling_seed():

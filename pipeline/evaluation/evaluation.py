@@ -4,7 +4,9 @@ Every number comes with its bounds, measured the same way: the tokenizer's recon
 ceiling: the generator cannot beat its own decoder) and the samples of an untrained transformer (the floor).
 Metrics are named after the network that produced them (``*_inception`` for the field's FID network, TensorFlow's
 Inception-v3, against the val images; ``*_ref`` for the reference classifier); numbers from different networks are
-never mixed. Without the FID network's wheel only ``*_ref`` metrics are computed.
+never mixed. Without the FID network's wheel only ``*_ref`` metrics are computed. FID depends on how many images
+it compares and with what: beside the numbers, ``samples``, ``reconstructions``, ``val_images`` and
+``reference_set`` (and their ``_<scale>x`` twins) say so.
 """
 
 from __future__ import annotations
@@ -44,6 +46,21 @@ from pipeline.models.tokenizer import load_tokenizer
 from pipeline.models.transformer import build_model, load_transformer, sampling_stem
 from pipeline.progress import Progress, Silent
 from pipeline.runtime import init_data_parallel, resolve_device
+
+# The first keys of metrics/eval.json (so the first metrics `dvc exp show` lists of it): the field's FID with its
+# ceiling and floor, FID_ref with its own, and what they were measured on.
+HEADLINE = (
+    "fid_inception",
+    "reconstruction_fid_inception",
+    "untrained_fid_inception",
+    "fid_ref",
+    "reconstruction_fid_ref",
+    "untrained_fid_ref",
+    "samples",
+    "reconstructions",
+    "val_images",
+    "reference_set",
+)
 
 
 @section
@@ -195,12 +212,16 @@ def evaluate(
 
     _figures(model, tokenizer, samples, classes, cfg, sampling, paths.reports, device)
     progress.advance()
-    metrics["samples"] = len(labels)  # every FID here: this many images against the val images
+    # What every FID above was measured on (FID depends on both): the samples (the floor draws as many), the
+    # reconstructions (the ceiling), against the val images.
+    metrics["samples"] = len(labels)
+    metrics["reconstructions"] = len(recon)
     metrics["val_images"] = len(val_uint8)
-    metrics["reference_set"] = "val"  # what every FID above was measured against
+    metrics["reference_set"] = "val"
     metrics["order"] = model.layout.order
     metrics["ema_weights"] = int(weights == "ema")  # sampled from the moving average of the weights
     metrics |= {"tokens": model.layout.num_tokens, "maps": model.layout.num_maps}
+    metrics = {k: metrics[k] for k in HEADLINE if k in metrics} | metrics  # first in the file and in `dvc exp show`
     atomic.write_json(paths.metrics, metrics)
     atomic.write_json(paths.speed, {"sampling_images_per_s": sampling_images_per_s, "device": str(device)})
     return metrics
@@ -208,7 +229,7 @@ def evaluate(
 
 def highres_metrics(
     model, tokenizer, num_classes: int, cfg: EvaluateConfig, sampling, paths: EvaluatePaths, decompose_cfg, device
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Generation at highres_scale× against the real val images of that size, through the reference network
     trained at that size: CART's tiles, bilinear and bicubic upsampling of the plain samples, and the tokenizer's
     own tiled reconstruction of the real images (the ceiling). Names end in ``_<scale>x``."""
@@ -238,7 +259,10 @@ def highres_metrics(
             for i in range(0, len(real), 64)
         ]
     )
-    metrics: dict[str, float] = {"highres_scale": s, f"val_images_{s}x": len(val_uint8)}
+    # What the FIDs at s× were measured on: the samples (CART's tiles; bilinear and bicubic upsample their plain
+    # samples, as many), the tokenizer's reconstructions of the real s× val images, against those images.
+    metrics: dict[str, Any] = {"highres_scale": s, f"samples_{s}x": len(labels), f"reconstructions_{s}x": len(ceiling)}
+    metrics |= {f"val_images_{s}x": len(val_uint8), f"reference_set_{s}x": f"val_{s}x"}
     routes = {
         "": result.images_N3HW,
         "bilinear_": upsample(result.plain_N3HW, s, "bilinear"),

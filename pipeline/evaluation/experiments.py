@@ -45,18 +45,20 @@ def _own_value(own: dict[str, Any], param: str) -> Any:
 
 
 # The field's FID (Inception, against the val images) first, with its ceiling and floor; then the reference
-# classifier's (secondary: comparable only within this project). Runs that predate the Inception metrics have NaN.
+# classifier's (secondary: comparable only within this project). A run without the Inception metrics (recorded
+# before they existed, or without the FID network) has NaN there, keeps its FID_ref, and says why (``inception_note``).
+INCEPTION = ("fid_inception", "reconstruction_fid_inception", "untrained_fid_inception")
 COLUMNS = (
-    "fid_inception",
-    "reconstruction_fid_inception",
-    "untrained_fid_inception",
+    *INCEPTION,
     "fid_ref",
+    "reconstruction_fid_ref",
+    "untrained_fid_ref",
     "kid_ref",
     "precision_ref",
     "recall_ref",
     "class_consistency_ref",
-    "reconstruction_fid_ref",
 )
+EVAL_FILE = "metrics/eval.json"  # evaluate's metrics: the FIDs above, and what they were measured with
 COST = ("tokens", "maps", "parameters", "train_flops_per_image", "sampling_images_per_s")
 
 
@@ -69,10 +71,24 @@ def _number(value: Any) -> float | None:
 
 
 def _get(row: dict[str, Any], key: str) -> Any:
-    """A column of `dvc.api.exp_show` rows: bare (``fid_ref``) or path-qualified when names collide."""
+    """A column of `dvc.api.exp_show` rows: bare (``fid_ref``) or path-qualified when names collide; then
+    evaluate's (``metrics/eval.json:fid_inception``, not sample-fid's ``metrics/fid.json:fid_inception``: another
+    number, of other images against another reference)."""
     if key in row:
         return row[key]
-    return next((v for k, v in row.items() if k.endswith(f":{key}") or k.endswith(f".{key}")), None)
+    names = [k for k in row if k.endswith(f":{key}") or k.endswith(f".{key}")]
+    names.sort(key=lambda k: not k.startswith(f"{EVAL_FILE}:"))  # stable: evaluate's first, then file order
+    return row[names[0]] if names else None
+
+
+def fid_set(row: dict[str, Any]) -> str | None:
+    """What a run's FIDs were measured with (FID depends on both): ``512 samples vs 512 val images``; None for a
+    run that did not record it. The floor uses as many samples; the ceiling reconstructs the reference images."""
+    samples, images, reference = (_get(row, k) for k in ("samples", "val_images", "reference_set"))
+    if _number(samples) is None or reference is None:
+        return None
+    count = f"{_number(images):.0f} " if _number(images) is not None else ""
+    return f"{_number(samples):.0f} samples vs {count}{reference} images"
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -93,7 +109,8 @@ def experiment_points(
     params: list[str],
     read_params: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One point per finished run that has a decomposition order and an FID, with its ``params`` values.
+    """One point per finished run that has a decomposition order and an FID (Inception or _ref), with its
+    ``params`` values, its FID set (``fid_set``) and, when it has no Inception FID, why (``inception_note``).
 
     ``read_params(row)``, when given, returns the run's own params.yaml flattened: then a key the run's file lacks
     is ABSENT, not confused with a key set to null (`dvc exp show` prints both as None). Without it the values
@@ -105,19 +122,29 @@ def experiment_points(
     for row in rows:
         if row.get("State") in UNFINISHED:
             continue
-        order, fid = _number(_get(row, "decompose.order")), _number(_get(row, "fid_ref"))
-        if order is None or fid is None:
+        order = _number(_get(row, "decompose.order"))
+        if order is None or all(_number(_get(row, c)) is None for c in ("fid_inception", "fid_ref")):
             continue
         point = {"name": row.get("Experiment") or row.get("rev") or "?", "order": int(order)}
         own = read_params(row) if read_params else None
         values = {p: _own_value(own, p) for p in params} if own is not None else {p: _get(row, p) for p in params}
         point["params"] = {p: _canonical(v) for p, v in values.items()}
         point |= {c: _number(_get(row, c)) for c in COLUMNS + COST}
+        point["fid_set"] = fid_set(row)
+        point["inception_note"] = _inception_note(point)
         key = (point["order"], *(point[c] for c in COLUMNS))
         if key not in seen:
             seen.add(key)
             points.append(point)
     return points
+
+
+def _inception_note(point: dict[str, Any]) -> str | None:
+    if point["fid_inception"] is not None:
+        return None
+    if point["params"].get("evaluate.inception") is False:
+        return "no Inception FID: evaluate.inception false"
+    return "no Inception FID recorded (a run from before it, or without the FID network's wheel)"
 
 
 def _canonical(value: Any) -> Any:
@@ -140,8 +167,9 @@ def _known(runs: list[dict[str, Any]], key: str) -> Any:
 
 
 def group_runs(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Runs that differ in seeds only, as one row each: mean and sample standard deviation of every column, and a
-    label naming the parameters whose values differ between rows (the order first)."""
+    """Runs that differ in seeds only, as one row each: mean and sample standard deviation of every column over
+    the runs that have it (``<column>_runs`` of them), the FID sets and Inception notes of its runs, and a label
+    naming the parameters whose values differ between rows (the order first)."""
     groups: list[list[dict[str, Any]]] = []
     for p in points:
         home = next((g for g in groups if all(_agree(p["params"], q["params"]) for q in g)), None)
@@ -162,14 +190,38 @@ def group_runs(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
             values = [r[c] for r in runs if r[c] is not None]
             row[c] = float(np.mean(values)) if values else float("nan")
             row[f"{c}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0  # sample std
+            row[f"{c}_runs"] = len(values)
+        for key in ("fid_set", "inception_note"):
+            row[key] = "; ".join(sorted({r[key] for r in runs if r[key]})) or None
         table.append(row)
     return sorted(table, key=lambda r: (repr(list(r["differs"].values())), r["order"]))
 
 
-def fid_order_figure(table: list[dict[str, Any]], path: str | os.PathLike) -> None:
-    """FID (mean ± std over seeds) against decomposition order, one series per setting of the other params."""
+def cell(row: dict[str, Any], key: str, digits: int) -> str:
+    """A grouped column as ``mean ± std`` (the std where more than one run has it; ``(k of n runs)`` where only
+    some of the row's runs have it), ``–`` where none has it."""
+    if not math.isfinite(row[key]):
+        return "–"
+    have, runs = row.get(f"{key}_runs", row["runs"]), row["runs"]
+    text = f"{row[key]:.{digits}f}" + (f" ± {row[key + '_std']:.{digits}f}" if have > 1 else "")
+    return text + (f" ({have} of {runs} runs)" if have < runs else "")
+
+
+# The two panels of the figure: (FID, its ceiling, its floor, axis label); the field's network first.
+PANELS = (
+    (*INCEPTION, "FID (Inception-v3, the field's network) ↓"),
+    ("fid_ref", "reconstruction_fid_ref", "untrained_fid_ref", "FID_ref (reference classifier; secondary) ↓"),
+)
+
+
+def fid_order_figure(table: list[dict[str, Any]], path: str | os.PathLike):
+    """FID (mean ± std over seeds) against decomposition order, one series per setting of the other params: the
+    Inception FID on the left, FID_ref on the right, each with its ceiling (dotted) and floor (dashed) in the
+    series' colour. A setting without an Inception FID is on the right only, and its label says so. Returns the
+    figure (saved to ``path``)."""
     # lazy: matplotlib adds ~0.8 s to importing this module; only the figure needs it
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     from pipeline.evaluation.figures import save_figure
 
@@ -177,22 +229,39 @@ def fid_order_figure(table: list[dict[str, Any]], path: str | os.PathLike) -> No
     for row in table:
         # Short names (the last part of each key): the full ones are in `cart experiments`' table.
         series[", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in row["differs"].items()) or "runs"].append(row)
-    fig = Figure(figsize=(7.5, 4.2 + 0.22 * len(series)), layout="constrained")
-    ax = fig.subplots()
-    for name, rows in series.items():
-        rows = sorted(rows, key=lambda r: r["order"])
-        ax.errorbar(
-            [r["order"] for r in rows],
-            [r["fid_ref"] for r in rows],
-            yerr=[r["fid_ref_std"] for r in rows],
-            marker="o",
-            capsize=3,
-            label=name,
-        )
-    ax.set_xticks(sorted({r["order"] for r in table}))
-    ax.set_xlabel("decomposition order n (0 = VAR)")
-    ax.set_ylabel("FID (reference network) ↓")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1, frameon=False)
-    ax.set_title("FID against decomposition order (dvc exp; mean ± std over seeds)", fontsize=9)
+    fig = Figure(figsize=(11, 4.4 + 0.22 * len(series)), layout="constrained")
+    handles = []
+    for ax, (fid, ceiling, floor, label) in zip(fig.subplots(1, 2), PANELS, strict=True):
+        for i, (name, rows) in enumerate(series.items()):
+            rows = [r for r in sorted(rows, key=lambda r: r["order"]) if math.isfinite(r[fid])]
+            if not rows:
+                continue
+            color = f"C{i % 10}"
+            ax.errorbar(
+                [r["order"] for r in rows],
+                [r[fid] for r in rows],
+                yerr=[r[f"{fid}_std"] for r in rows],
+                marker="o",
+                capsize=3,
+                color=color,
+                label=name,
+            )
+            for key, style in ((ceiling, ":"), (floor, "--")):
+                bound = [(r["order"], r[key]) for r in rows if math.isfinite(r[key])]
+                if bound:
+                    ax.plot(*zip(*bound, strict=True), linestyle=style, marker=".", color=color, lw=1, alpha=0.7)
+        if not ax.containers:
+            ax.text(0.5, 0.5, "no run recorded it", transform=ax.transAxes, ha="center", va="center")
+        ax.set_xticks(sorted({r["order"] for r in table}))
+        ax.set_xlabel("decomposition order n (0 = VAR)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    for i, (name, rows) in enumerate(series.items()):
+        missing = not any(math.isfinite(r["fid_inception"]) for r in rows)
+        handles.append(Line2D([], [], color=f"C{i % 10}", marker="o", label=name + (" (no Inception FID)" * missing)))
+    handles.append(Line2D([], [], color="grey", linestyle=":", label="ceiling: the tokenizer's reconstructions"))
+    handles.append(Line2D([], [], color="grey", linestyle="--", label="floor: the untrained transformer"))
+    fig.legend(handles=handles, fontsize=6.5, loc="outside lower center", ncol=1, frameon=False)
+    fig.suptitle("FID against decomposition order (dvc exp; mean ± std over seeds)", fontsize=9)
     save_figure(fig, path)
+    return fig
