@@ -54,7 +54,14 @@ def command(
         ),
     ]
     if "fid_inception" in result:
-        rows.append(("FID (Inception)", f"{result['fid_inception']:.3f} against {result['reference_stats']}"))
+        count = f" ({result['reference_count']} images)" if "reference_count" in result else ""
+        rows.append(
+            (
+                "FID (Inception)",
+                f"{result['fid_inception']:.3f}: {result['fid_samples']} samples against {result['reference_stats']}"
+                f"{count}",
+            )
+        )
     else:
         rows.append(("FID", "not computed: evaluate.reference_stats is null (the samples are written)"))
     summary("sample-fid", rows)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -135,7 +136,15 @@ def test_sample_fid_writes_adm_npz_and_pngs_n_per_class_and_the_fid_with_its_rec
     assert metrics["reference_count"] == 4 and metrics["reference_source"] == "shards few"
     assert metrics["resize"] == "tf1-bilinear-299" and metrics["network"].startswith("tf-inception-2015-12-05")
     assert json.loads(Path("samples/fid/recipe.json").read_text()) == metrics
-    assert "FID (Inception)" in result.output
+    assert list(metrics)[:5] == [
+        "fid_inception",
+        "fid_samples",
+        "reference_stats",
+        "reference_count",
+        "reference_source",
+    ]
+    flat = re.sub(r"[\s│]+", " ", result.output)  # the summary table wraps its cells
+    assert "FID (Inception)" in flat and "16 samples against val_stats.npz (4 images)" in flat
 
 
 def test_without_reference_statistics_the_samples_are_written_and_the_recipe_names_the_average_sampled(workspace):

@@ -235,10 +235,11 @@ def sample_fid(
 
     write_adm_npz(work.path("samples.npz"), measured(chunk_images()), (len(labels_N), side, side, 3), labels_N)
     metrics: dict[str, Any] = {}
-    if reference is not None:
+    if reference is not None:  # the FID, then what it was measured on (first in the file and in `dvc exp show`)
         metrics["fid_inception"] = frechet_distance(statistics(np.concatenate(feature_batches)), reference)
-        recipe |= {"fid_samples": len(labels_N), "reference_stats": str(reference_stats), "network": NETWORK}
-        recipe |= {"resize": RESIZE} | {f"reference_{k}": reference[k] for k in ("count", "source") if k in reference}
+        metrics |= {"fid_samples": len(labels_N), "reference_stats": str(reference_stats)}
+        metrics |= {f"reference_{k}": reference[k] for k in ("count", "source") if k in reference}
+        metrics |= {"network": NETWORK, "resize": RESIZE}
     metrics |= recipe
     for marker in work.path("chunks").iterdir():
         marker.unlink()
