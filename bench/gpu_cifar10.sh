@@ -8,16 +8,17 @@
 # The rows are params/tables.yaml's table `cifar10-gpu` on params/cifar10.yaml, run by `cart tables` (the stages of
 # dvc.yaml, several at a time; a rerun on the same ROOT resumes). Writes, as stages finish:
 #   $OUT/results.json   `cart tables`' results file (params, metrics, wall time of every stage, per row)
-#   $OUT/tables.md      its report: quality (FID_ref, ceiling, untrained floor, …) beside FLOPs and wall time
+#   $OUT/tables.md      its report: Inception FID (ceiling, untrained floor, what it was measured on), then FID_ref,
+#                       beside FLOPs and wall time
 #   $OUT/logs/          each stage's log; $OUT/run.txt the run's own output
 # No stage starts after DEADLINE seconds; at LIMIT the run is stopped (stages resume from their checkpoints on a
 # rerun) and the report written from what finished.
 #
 # BUDGET: the GPU budget below is a first guess sized from the one H200 run's per-stage times (bench/RESULTS.md,
-# 2026-11-29), not yet measured alone on a GPU; override it with BUDGET="key=value …". The metric is the evaluate
-# stage's (FID_ref against the reference classifier). To switch to the field's Inception FID once the sample_fid
-# stage has Inception weights on the machine, add its keys to BUDGET and let `cart tables` run it
-# (pipeline/tables.py's SKIPPED_STAGES).
+# 2026-11-29), not yet measured alone on a GPU; override it with BUDGET="key=value …". The evaluate stage reports
+# the Inception FID of the samples against the val images (add BUDGET's evaluate.reference_stats=<a `cart
+# reference-stats` file of the training set> for the field's protocol) and FID_ref beside it; the smoke size turns
+# the Inception network off (tests/test_evaluate.py covers it).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
