@@ -175,11 +175,11 @@ def evaluate(
 
     # The ceiling: val images through the tokenizer (their stored tokens, decoded).
     val_tokens = read_samples(split_shards(paths.tokens / "val"))
-    idx_NL = torch.stack([decoded(raw, decode_token_sample)[0] for raw in val_tokens])
+    tokens_NL = torch.stack([decoded(raw, decode_token_sample)[0] for raw in val_tokens])
     recon = torch.cat(
         [
-            tokenizer.reconstruct(split_maps(idx_NL[i : i + 256].to(device), layout_from_manifest(manifest))).cpu()
-            for i in range(0, len(idx_NL), 256)
+            tokenizer.reconstruct(split_maps(tokens_NL[i : i + 256].to(device), layout_from_manifest(manifest))).cpu()
+            for i in range(0, len(tokens_NL), 256)
         ]
     )
     metrics |= measure(to_uint8(recon), "reconstruction_")

@@ -176,7 +176,7 @@ class TokenizerTask:
             self._fakes.append(recon.detach())
         if not self.model.continuous:
             with torch.no_grad():
-                for idx in quantized.indices:
+                for idx in quantized.tokens:
                     self.usage.add_(torch.bincount(idx.flatten(), minlength=self.usage.numel()))
                 self._residuals = quantized.residual_sample
         return loss, logs
