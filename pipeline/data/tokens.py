@@ -23,6 +23,7 @@ from pipeline.config import Field, section
 from pipeline.data import shards
 from pipeline.data.decomposed import SPLITS, decode_training_sample, split_shards
 from pipeline.models.tokenizer import Tokenizer, TokenLayout, load_tokenizer
+from pipeline.models.weights import config_path
 from pipeline.progress import Progress, Silent
 from pipeline.runtime import barrier, init_data_parallel, open_resumable, resolve_device, todo_share
 
@@ -111,7 +112,7 @@ def extract_tokens(
     tokenizer, config = load_tokenizer(tokenizer_stem, device)
     if config["order"] != source["order"]:
         raise ValueError(
-            f"{tokenizer_stem}.json is an order-{config['order']} tokenizer but {in_dir} holds order-"
+            f"{config_path(tokenizer_stem)} is an order-{config['order']} tokenizer but {in_dir} holds order-"
             f"{source['order']} decompositions: rerun train_tokenizer"
         )
     stem = Path(tokenizer_stem)

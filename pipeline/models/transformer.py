@@ -36,7 +36,7 @@ from pipeline.models.coarse import FineHead
 from pipeline.models.diffusion import DiffusionConfig, DiffusionHead
 from pipeline.models.heads import CoarseToFineHead, ContinuousHead, Head, SoftmaxHead, TokenLoss
 from pipeline.models.tokenizer import Tokenizer, TokenLayout
-from pipeline.models.weights import load_config, load_state, save_weights
+from pipeline.models.weights import load_config, load_state, save_weights, weights_path
 
 
 @section
@@ -594,7 +594,7 @@ def ema_stem(stem: str | Path) -> Path:
 def sampling_stem(stem: str | Path, weights: Literal["ema", "raw"]) -> tuple[Path, Literal["ema", "raw"]]:
     """The weights to sample with (``SamplingConfig.weights``): the average at ``<stem>_ema`` when asked for and
     present, else ``stem`` itself; and which of the two it is."""
-    if weights == "ema" and ema_stem(stem).with_suffix(".safetensors").is_file():
+    if weights == "ema" and weights_path(ema_stem(stem)).is_file():
         return ema_stem(stem), "ema"
     return Path(stem), "raw"
 

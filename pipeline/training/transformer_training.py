@@ -35,7 +35,7 @@ from pipeline.models.transformer import (
     save_transformer,
     teacher_forcing_inputs,
 )
-from pipeline.models.weights import init_fingerprint, load_init_source
+from pipeline.models.weights import config_path, init_fingerprint, load_init_source, weights_path
 from pipeline.progress import Progress
 from pipeline.runtime import dist_from_env
 from pipeline.training.self_correction import SelfCorrectionConfig, self_correct
@@ -414,8 +414,8 @@ def train_transformer(
     if task.ema is not None:
         save_transformer(ema_stem(paths.model), task.ema, extra | {"ema_decay": cfg.train.ema_decay})
     else:  # an average left by an earlier run would be sampled in place of these weights
-        for suffix in (".safetensors", ".json"):
-            ema_stem(paths.model).with_suffix(suffix).unlink(missing_ok=True)
+        for path in (weights_path(ema_stem(paths.model)), config_path(ema_stem(paths.model))):
+            path.unlink(missing_ok=True)
     names = map_names(model.layout)
     # What the class is worth to the model: the val loss without it, minus with it, is what guidance can amplify.
     null = evaluate_transformer(model, tokenizer, iter(val_loader.epoch(0)), unconditional=True)
