@@ -257,7 +257,7 @@ def highres_metrics(
 
 def _figures(model, tokenizer, samples, classes, cfg: EvaluateConfig, sampling, reports: Path, device) -> None:
     """Sample grid per class, the Figure-1 strip, the decomposition of a generated image, Figure 6."""
-    # lazy: matplotlib adds ~0.8 s to every stage's start (pipeline.params imports this module)
+    # lazy: pipeline.params imports this module, and matplotlib would slow every stage's start (bench/RESULTS.md)
     from pipeline.evaluation.figures import decomposition_figure, image_grid, labelled_rows
 
     reports.mkdir(parents=True, exist_ok=True)

@@ -168,7 +168,7 @@ def group_runs(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def fid_order_figure(table: list[dict[str, Any]], path: str | os.PathLike) -> None:
     """FID (mean ± std over seeds) against decomposition order, one series per setting of the other params."""
-    # lazy: matplotlib adds ~0.8 s to importing this module; only the figure needs it
+    # lazy: matplotlib would slow importing this module (bench/RESULTS.md); only the figure needs it
     from matplotlib.figure import Figure
 
     from pipeline.evaluation.figures import save_figure

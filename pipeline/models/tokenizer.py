@@ -243,8 +243,9 @@ def full_precision(method):
     """Run a method with autocast off and its half-precision tensor arguments in fp32.
 
     Nearest codes, f̂ and residuals decide which tokens an image gets and what the transformer reads; under bf16
-    autocast 1–18 % of the codes came out different from the fp32 ones that ``extract_tokens`` stores, so training
-    saw other inputs than the tokens it was scored on. VAR computes all of this in fp32 too.
+    autocast some of the codes came out different from the fp32 ones that ``extract_tokens`` stores (how many:
+    bench/RESULTS.md), so training saw other inputs than the tokens it was scored on. VAR computes all of this in
+    fp32 too.
     """
 
     def cast(x):

@@ -215,7 +215,8 @@ class TokenizerTask:
         if step == 0 and self.codes_from_data and self._residuals is not None:
             # With VQGAN's near-zero init every latent first snaps to a handful of codes, φ(z) is almost constant,
             # the decoder learns to ignore it and the encoder collapses onto the codes: the one-map VQ-VAE never
-            # left 11 dB that way. Codes drawn from the encoder's own outputs make the first decodes informative.
+            # learned to reconstruct that way (bench/RESULTS.md). Codes drawn from the encoder's own outputs make
+            # the first decodes informative.
             everything = torch.arange(self.usage.numel(), device=self.usage.device)
             self._restart(everything)
             self.usage.zero_()
