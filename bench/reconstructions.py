@@ -53,10 +53,10 @@ def val_images(run: Path, count: int) -> tuple[torch.Tensor, torch.Tensor]:
 def measure(run: Path, count: int) -> dict:
     tokenizer, config = load_tokenizer(run / "models" / "tokenizer" / "tokenizer")
     image_B3HW, bases_BK3HW = val_images(run, count)
-    indices = tokenizer.tokenize(image_B3HW, bases_BK3HW)
+    tokens = tokenizer.tokenize(image_B3HW, bases_BK3HW)
     prefixes = []
-    for k in range(1, len(indices) + 1):
-        decoded = tokenizer.decode(tokenizer.compose(indices, k)).clamp(0, 1)  # k = all maps: the reconstruction
+    for k in range(1, len(tokens) + 1):
+        decoded = tokenizer.decode(tokenizer.compose(tokens, k)).clamp(0, 1)  # k = all maps: the reconstruction
         prefixes.append((k, psnr(decoded, image_B3HW), saturation(decoded)))
     autoencoded = tokenizer.decode(tokenizer.encode(image_B3HW)).clamp(0, 1)
     return {

@@ -183,8 +183,8 @@ class TimedTokenizer:
         self.seconds += time.perf_counter() - start
         return out
 
-    def map_contribution(self, idx_Bhw: torch.Tensor, map_index: int) -> torch.Tensor:
-        return self._timed(self.tokenizer.map_contribution, idx_Bhw, map_index)
+    def map_contribution(self, tokens: torch.Tensor, map_index: int) -> torch.Tensor:
+        return self._timed(self.tokenizer.map_contribution, tokens, map_index)
 
     def next_input(self, f_hat_BChw: torch.Tensor, map_index: int) -> torch.Tensor:
         return self._timed(self.tokenizer.next_input, f_hat_BChw, map_index)

@@ -55,7 +55,7 @@ def test_all_maps_compose_to_f_exactly_and_every_component_prefix_to_its_base(or
     tokenizer = continuous_tokenizer(order)
     levels = tokenizer.encode_levels(*batch(order))  # f_{B_0} = E(I), …, f_{B_n}
     quantized = tokenizer.quantize(levels)
-    maps = quantized.indices
+    maps = quantized.tokens
     assert not hasattr(tokenizer, "codebook")
     assert [tuple(z.shape) for z in maps] == [(3, 8, m.side, m.side) for m in tokenizer.layout.maps]
     for p, end in enumerate(tokenizer.layout.component_ends()):  # base ≡ f_{B_n}, + D_n ≡ f_{B_{n−1}}, …, all ≡ f
@@ -77,7 +77,7 @@ def test_a_prefix_decodes_as_the_base_it_stands_for_and_the_replaced_layout_keep
     # but the detail maps still end the composition exactly at f.
     replaced = continuous_tokenizer(1, TokenizerModelConfig(**{**vars(SMALL), "layout": "replace"}))
     levels = replaced.encode_levels(image, bases[:, :1])
-    z = replaced.quantize(levels).indices
+    z = replaced.quantize(levels).tokens
     torch.testing.assert_close(replaced.compose(z), levels[0], rtol=0, atol=1e-6)
     assert (replaced.compose(z, replaced.layout.num_base) - levels[1]).abs().max() > 1e-3
 

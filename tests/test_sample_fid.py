@@ -85,7 +85,7 @@ def test_a_chunk_drawn_alone_is_that_chunk_of_a_whole_run_and_every_chunk_draws_
     whole = sample_sharded(model, tokenizer, labels, cfg, batch_size=3, dist=Dist())
     alone = sample_chunk(model, tokenizer, labels[3:6], cfg, chunk=1)
     assert torch.equal(alone.images_N3HW, whole.images_N3HW[3:6])
-    same_labels = [sample_chunk(model, tokenizer, labels[:3], cfg, chunk=c).indices[-1] for c in (0, 1)]
+    same_labels = [sample_chunk(model, tokenizer, labels[:3], cfg, chunk=c).tokens[-1] for c in (0, 1)]
     assert not torch.equal(*same_labels)
     draws = {
         tuple(torch.rand(4, generator=chunk_generator(seed, c, "cpu")).tolist()) for seed in (0, 1) for c in (0, 1)

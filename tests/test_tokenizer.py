@@ -84,13 +84,13 @@ def test_algorithm_1_then_2_reproduces_the_forward_reconstruction_exactly(order)
     image, bases = batch(order)
     with torch.no_grad():
         decoded, quantized = model(image, bases, decode=[order])
-        indices = model.tokenize(image, bases)
-        f_hat = model.compose(indices)
+        tokens = model.tokenize(image, bases)
+        f_hat = model.compose(tokens)
         reconstruction = model.decode(f_hat)
-    assert all(torch.equal(a, b) for a, b in zip(indices, quantized.indices, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(tokens, quantized.tokens, strict=True))
     assert torch.equal(f_hat, quantized.prefixes[-1])
     assert torch.equal(reconstruction, decoded[:, 0])
-    assert [tuple(i.shape[1:]) for i in indices] == [(m.side, m.side) for m in model.layout.maps]
+    assert [tuple(i.shape[1:]) for i in tokens] == [(m.side, m.side) for m in model.layout.maps]
 
 
 def test_order_0_is_var_multi_scale_residual_quantisation():
@@ -108,16 +108,16 @@ def test_order_0_is_var_multi_scale_residual_quantisation():
             h = model.phi(F.interpolate(z, size=f.shape[-2:], mode="bicubic") if side != 8 else z, m)
             f_hat, rest = f_hat + h, rest - h
             expected.append(idx)
-        indices = model.tokenize(image, bases)
-    assert all(torch.equal(a, b) for a, b in zip(indices, expected, strict=True))
-    assert torch.allclose(model.compose(indices), f_hat, atol=1e-6)
+        tokens = model.tokenize(image, bases)
+    assert all(torch.equal(a, b) for a, b in zip(tokens, expected, strict=True))
+    assert torch.allclose(model.compose(tokens), f_hat, atol=1e-6)
 
 
 def test_vanilla_vqvae_is_one_full_resolution_map():
     cfg = TokenizerModelConfig(**{**SMALL.__dict__, "scales": [8]})
     model = make(0, cfg)
-    indices = model.tokenize(*batch(0))
-    assert len(indices) == 1 and indices[0].shape == (3, 8, 8)
+    tokens = model.tokenize(*batch(0))
+    assert len(tokens) == 1 and tokens[0].shape == (3, 8, 8)
 
 
 def test_without_error_feedback_each_detail_is_quantised_alone():
@@ -153,12 +153,12 @@ def test_codes_start_from_distinct_encoder_residuals_after_the_first_step(init):
 
 def test_teacher_forcing_input_of_each_map_is_the_composition_of_the_maps_before_it():
     model = make(2)
-    indices = model.tokenize(*batch(2))
-    x = model.teacher_forcing_inputs(indices)
+    tokens = model.tokenize(*batch(2))
+    x = model.teacher_forcing_inputs(tokens)
     layout = model.layout
     assert x.shape == (3, layout.num_tokens - 1, SMALL.latent_channels)
     for m in range(1, layout.num_maps):
-        expected = model.next_input(model.compose(indices, m), m).flatten(2).transpose(1, 2)
+        expected = model.next_input(model.compose(tokens, m), m).flatten(2).transpose(1, 2)
         start = layout.offsets[m] - 1
         assert torch.allclose(x[:, start : start + layout.lengths[m]], expected, atol=1e-6)
 
@@ -180,11 +180,11 @@ def test_prefix_decodes_get_closer_to_the_image_as_maps_are_added(workspace):
     samples = list(first_samples(workspace / "data" / "decomposed" / "val", 32))
     image = torch.stack([s[1] for s in samples])
     base = torch.stack([s[2] for s in samples])[:, 1]  # B_2
-    indices = model.tokenize(image, torch.stack([s[2] for s in samples]))
-    depth = [F.mse_loss(model.decode_prefix(indices, m), image).item() for m in range(1, model.layout.num_maps + 1)]
+    tokens = model.tokenize(image, torch.stack([s[2] for s in samples]))
+    depth = [F.mse_loss(model.decode_prefix(tokens, m), image).item() for m in range(1, model.layout.num_maps + 1)]
     assert depth[-1] < 0.5 * depth[0]
     base_maps = model.layout.component_ends()[0]
-    base_decode = model.decode_prefix(indices, base_maps)
+    base_decode = model.decode_prefix(tokens, base_maps)
     assert F.mse_loss(base_decode, base) < F.mse_loss(base_decode, image)
 
 
@@ -301,7 +301,7 @@ def test_tokenize_base_is_the_base_part_of_algorithm_1():
     quantized = model.quantize(levels)
     base_maps, f_hat = model.tokenize_base(levels[-1])  # f_{B_n}
     assert len(base_maps) == model.layout.num_base
-    assert all(torch.equal(a, b) for a, b in zip(base_maps, quantized.indices, strict=False))
+    assert all(torch.equal(a, b) for a, b in zip(base_maps, quantized.tokens, strict=False))
     assert torch.allclose(f_hat, quantized.prefixes[0], atol=1e-6)
 
 
@@ -328,10 +328,10 @@ def test_codes_and_teacher_forcing_inputs_ignore_bf16_autocast():
         fp32 = model.quantize([f])
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = model.quantize([f.bfloat16()])
-            inputs_bf16 = model.teacher_forcing_inputs(fp32.indices)
-            contribution = model.map_contribution(fp32.indices[2], 2)
-    assert all(torch.equal(a, b) for a, b in zip(fp32.indices, bf16.indices, strict=True))
-    assert torch.equal(inputs_bf16, model.teacher_forcing_inputs(fp32.indices))
+            inputs_bf16 = model.teacher_forcing_inputs(fp32.tokens)
+            contribution = model.map_contribution(fp32.tokens[2], 2)
+    assert all(torch.equal(a, b) for a, b in zip(fp32.tokens, bf16.tokens, strict=True))
+    assert torch.equal(inputs_bf16, model.teacher_forcing_inputs(fp32.tokens))
     assert contribution.dtype == torch.float32 and bf16.prefixes[0].dtype == torch.float32
 
 

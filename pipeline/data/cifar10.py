@@ -269,7 +269,7 @@ def prepared(out: str | Path, archive: str | Path) -> dict[str, Any] | None:
 def download(root: str | Path) -> Path:
     """``root/cifar-10-python.tar.gz`` from CIFAR-10's site through torchvision's downloader (MD5-checked; a file
     already there with the right MD5 is kept). Only the archive is downloaded: ``prepare`` reads it."""
-    # lazy: torchvision adds ~2.9 s; only the download needs it
+    # lazy: torchvision takes seconds to import (bench/RESULTS.md); only the download needs it
     from torchvision.datasets import CIFAR10
     from torchvision.datasets.utils import check_integrity, download_url
 

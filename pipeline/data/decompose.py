@@ -76,8 +76,8 @@ class DecomposeConfig:
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to solve: auto = CUDA if visible.")
     compile: bool = Field(
         False,
-        description="torch.compile the CG iteration: fuses its elementwise work (about 3x faster on CPU). Costs "
-        "seconds of compilation per process and needs a C++ compiler (CPU) or Triton (CUDA).",
+        description="torch.compile the CG iteration: fuses its elementwise work (speed: bench/RESULTS.md, decompose). "
+        "Costs seconds of compilation per process and needs a C++ compiler (CPU) or Triton (CUDA).",
     )
     preview_count: int = Field(8, ge=0, description="Val images that get a Figure-3 style decomposition figure.")
 
@@ -365,7 +365,7 @@ def solve_at_scipy(f_CHW: np.ndarray, cfg: DecomposeConfig) -> tuple[np.ndarray,
     Returns (u_CHW, s_HW) in [0, 1] intensities. Same start (u = f, s = 0), same alternation and the same
     outer stopping rule as ``solve_at``; only the inner solver differs.
     """
-    # lazy: ~0.9 s to import; only this reference solver needs it
+    # lazy: slow to import (bench/RESULTS.md); only this reference solver needs it
     import scipy.sparse as sp
     from scipy.sparse.linalg import splu
 

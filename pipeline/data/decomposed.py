@@ -2,7 +2,7 @@
 
 Each output shard corresponds to one input shard and holds, per sample, the original ``png`` (bytes copied,
 so the image stays exact), ``cls``, ``json`` and ``bases.f16z``: float16 (n, 3, H, W) in [0, 1], losslessly
-compressed (``shards.encode_npy_f16z``: about 30 % of the raw float16 size). Shards of earlier versions hold
+compressed (``shards.encode_npy_f16z``; its ratio: bench/RESULTS.md). Shards of earlier versions hold
 ``bases.npy`` (raw float16) instead; both read the same. Details are not stored: D_k = B_{k−1} − B_k with
 B_0 = I. Shards are written one at a time into a resumable work directory,
 so a killed stage keeps the shards it finished.

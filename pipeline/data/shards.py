@@ -57,14 +57,14 @@ def decode_npy(data: bytes) -> np.ndarray:
 
 
 def encode_npy_f16z(array: np.ndarray, level: int = 3) -> bytes:
-    """A float16 array, losslessly compressed (``.f16z``): about 30 % of its raw size for smooth images.
+    """A float16 array, losslessly compressed (``.f16z``): a fraction of its raw size for smooth images.
 
     The bit patterns are predicted from the left, upper and upper-left neighbours in the last two axes (a 2-D
     difference, wrapping in 16-bit integers so that it is exactly invertible), the residuals zig-zag mapped so
     that small negative ones become small integers too, split into a plane of high bytes (mostly zero) and one of
     low bytes, and deflated. Positive float16 values order like their bit patterns, so the residuals of a smooth
-    image are small. zlib level 3: 256² photographs' bases (order 3) at 30 % of their raw size, 15 ms per image on
-    one CPU core (level 6: 28 %, 46 ms; level 9: 28 %, 230 ms), decoding 3 ms.
+    image are small. zlib level 3: higher levels made photographs' bases barely smaller, for several times the
+    encoding time (the figures: bench/RESULTS.md).
     """
     if array.dtype != np.float16:
         raise ValueError(f"f16z stores float16 arrays, got {array.dtype}")

@@ -23,6 +23,7 @@ from pipeline.config import Field, section
 from pipeline.data import shards
 from pipeline.data.decomposed import SPLITS, decode_training_sample, split_shards
 from pipeline.models.tokenizer import Tokenizer, TokenLayout, load_tokenizer
+from pipeline.models.weights import config_path
 from pipeline.progress import Progress, Silent
 from pipeline.runtime import barrier, init_data_parallel, open_resumable, resolve_device, todo_share
 
@@ -33,21 +34,21 @@ class ExtractTokensConfig:
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when visible.")
 
 
-def flatten_maps(indices: list[torch.Tensor]) -> torch.Tensor:
+def flatten_maps(maps: list[torch.Tensor]) -> torch.Tensor:
     """Token maps (generation order) → one sequence: idx_Bhw → idx_BL, or continuous z_BChw → z_BLC."""
-    if indices[0].is_floating_point():
-        return torch.cat([z.flatten(2).transpose(1, 2) for z in indices], dim=1)
-    return torch.cat([idx.flatten(1) for idx in indices], dim=1)
+    if maps[0].is_floating_point():
+        return torch.cat([z.flatten(2).transpose(1, 2) for z in maps], dim=1)
+    return torch.cat([idx.flatten(1) for idx in maps], dim=1)
 
 
-def split_maps(idx_BL: torch.Tensor, layout: TokenLayout) -> list[torch.Tensor]:
+def split_maps(tokens_BL: torch.Tensor, layout: TokenLayout) -> list[torch.Tensor]:
     """The inverse of ``flatten_maps``: idx_BL → [idx_Bhw], or z_BLC → [z_BChw], in generation order."""
-    if idx_BL.shape[1] != layout.num_tokens:
-        raise ValueError(f"{idx_BL.shape[1]} tokens per image, but the layout has {layout.num_tokens}")
+    if tokens_BL.shape[1] != layout.num_tokens:
+        raise ValueError(f"{tokens_BL.shape[1]} tokens per image, but the layout has {layout.num_tokens}")
     spans = zip(layout.maps, layout.offsets, layout.offsets[1:], strict=False)
-    if idx_BL.is_floating_point():
-        return [idx_BL[:, a:b].transpose(1, 2).unflatten(2, (m.side, m.side)) for m, a, b in spans]
-    return [idx_BL[:, a:b].view(-1, m.side, m.side) for m, a, b in spans]
+    if tokens_BL.is_floating_point():
+        return [tokens_BL[:, a:b].transpose(1, 2).unflatten(2, (m.side, m.side)) for m, a, b in spans]
+    return [tokens_BL[:, a:b].view(-1, m.side, m.side) for m, a, b in spans]
 
 
 def layout_from_manifest(manifest: dict[str, Any]) -> TokenLayout:
@@ -86,9 +87,9 @@ def tokenize_shard(samples: list[dict[str, Any]], tokenizer: Tokenizer, batch_si
         # Continuous tokens keep half precision: the tokens of the residual's finest detail are small numbers, and
         # every stored token is what teacher forcing composes the inputs from, as sampling will.
         dtype = np.float16 if tokenizer.continuous else np.int16
-        idx_BL = flatten_maps(tokenizer.tokenize(image, bases)).cpu().numpy().astype(dtype)
-        for raw, idx_L in zip(chunk, idx_BL, strict=True):
-            out.append({"__key__": raw["__key__"], "tokens.npy": shards.encode_npy(idx_L), "cls": raw["cls"]})
+        tokens_BL = flatten_maps(tokenizer.tokenize(image, bases)).cpu().numpy().astype(dtype)
+        for raw, tokens_L in zip(chunk, tokens_BL, strict=True):
+            out.append({"__key__": raw["__key__"], "tokens.npy": shards.encode_npy(tokens_L), "cls": raw["cls"]})
     return out
 
 
@@ -111,7 +112,7 @@ def extract_tokens(
     tokenizer, config = load_tokenizer(tokenizer_stem, device)
     if config["order"] != source["order"]:
         raise ValueError(
-            f"{tokenizer_stem}.json is an order-{config['order']} tokenizer but {in_dir} holds order-"
+            f"{config_path(tokenizer_stem)} is an order-{config['order']} tokenizer but {in_dir} holds order-"
             f"{source['order']} decompositions: rerun train_tokenizer"
         )
     stem = Path(tokenizer_stem)

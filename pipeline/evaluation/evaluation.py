@@ -192,11 +192,11 @@ def evaluate(
 
     # The ceiling: val images through the tokenizer (their stored tokens, decoded).
     val_tokens = read_samples(split_shards(paths.tokens / "val"))
-    idx_NL = torch.stack([decoded(raw, decode_token_sample)[0] for raw in val_tokens])
+    tokens_NL = torch.stack([decoded(raw, decode_token_sample)[0] for raw in val_tokens])
     recon = torch.cat(
         [
-            tokenizer.reconstruct(split_maps(idx_NL[i : i + 256].to(device), layout_from_manifest(manifest))).cpu()
-            for i in range(0, len(idx_NL), 256)
+            tokenizer.reconstruct(split_maps(tokens_NL[i : i + 256].to(device), layout_from_manifest(manifest))).cpu()
+            for i in range(0, len(tokens_NL), 256)
         ]
     )
     metrics |= measure(to_uint8(recon), "reconstruction_")
@@ -281,7 +281,7 @@ def highres_metrics(
 
 def _figures(model, tokenizer, samples, classes, cfg: EvaluateConfig, sampling, reports: Path, device) -> None:
     """Sample grid per class, the Figure-1 strip, the decomposition of a generated image, Figure 6."""
-    # lazy: matplotlib adds ~0.8 s to every stage's start (pipeline.params imports this module)
+    # lazy: pipeline.params imports this module, and matplotlib would slow every stage's start (bench/RESULTS.md)
     from pipeline.evaluation.figures import decomposition_figure, image_grid, labelled_rows
 
     reports.mkdir(parents=True, exist_ok=True)

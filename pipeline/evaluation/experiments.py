@@ -219,7 +219,7 @@ def fid_order_figure(table: list[dict[str, Any]], path: str | os.PathLike):
     Inception FID on the left, FID_ref on the right, each with its ceiling (dotted) and floor (dashed) in the
     series' colour. A setting without an Inception FID is on the right only, and its label says so. Returns the
     figure (saved to ``path``)."""
-    # lazy: matplotlib adds ~0.8 s to importing this module; only the figure needs it
+    # lazy: matplotlib would slow importing this module (bench/RESULTS.md); only the figure needs it
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 

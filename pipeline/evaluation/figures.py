@@ -105,12 +105,12 @@ def prefix_decodes_figure(
 ) -> None:
     """The tokenizer's reconstructions of a few images, one column per component prefix: each prefix decode beside
     the base B_n … B_1 it should reproduce, and all maps beside I."""
-    indices = tokenizer.tokenize(image_B3HW, bases_BK3HW)
+    tokens = tokenizer.tokenize(image_B3HW, bases_BK3HW)
     ends = tokenizer.layout.component_ends()
     columns = [("input I", image_B3HW)]
     for p, end in enumerate(ends):
         label = "all maps ≈ I" if p == tokenizer.order else f"{end} maps ≈ B{tokenizer.order - p}"
-        columns.append((label, tokenizer.decode_prefix(indices, end)))
+        columns.append((label, tokenizer.decode_prefix(tokens, end)))
     if tokenizer.order:
         columns.insert(1, (f"B{tokenizer.order} (target)", bases_BK3HW[:, tokenizer.order - 1]))
     image_grid(columns, path, title="Tokenizer reconstructions (val): prefix decodes")

@@ -173,7 +173,7 @@ def highres_figure(
     model, tokenizer, labels_N, sampling: SamplingConfig, scale: int, path, cfg: HighresConfig | None = None
 ) -> HighRes:
     """Figure 6: the plain sample upsampled bilinearly beside CART's generation at ``scale``× per sample."""
-    # lazy: matplotlib adds ~0.8 s to every stage's start (pipeline.params imports this module)
+    # lazy: pipeline.params imports this module, and matplotlib would slow every stage's start (bench/RESULTS.md)
     from pipeline.evaluation.figures import image_grid
 
     device = next(model.parameters()).device

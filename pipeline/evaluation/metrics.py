@@ -27,7 +27,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from pipeline.evaluation import inception
 from pipeline.evaluation.inception import available, fold_batch_norm, load_inception, preprocess
 from pipeline.models.evaluator import ReferenceNet, load_evaluator
-from pipeline.models.weights import MissingWeights
+from pipeline.models.weights import MissingWeights, config_path, weights_path
 
 # The FID network's torch-fidelity name (its weights' hash is appended) and the layer every FID uses.
 INCEPTION_EXTRACTOR = "cart-inception"
@@ -84,14 +84,13 @@ class ReferenceExtractor(FeatureExtractorBase):
 def reference_name(weights: str | Path) -> str:
     """``cart-ref-<hash of the weights and config>``: torch-fidelity keys its caches by extractor name only, so
     the name must change whenever the network does."""
-    safetensors = Path(weights).with_suffix(".safetensors")
-    digest = hashlib.sha256(safetensors.read_bytes() + safetensors.with_suffix(".json").read_bytes())
+    digest = hashlib.sha256(weights_path(weights).read_bytes() + config_path(weights).read_bytes())
     return f"cart-ref-{digest.hexdigest()[:16]}"
 
 
 def reference_extractor(stem: str | Path) -> Extractor:
     """Register the reference classifier saved at ``stem`` with torch-fidelity (once per weights)."""
-    weights = Path(stem).with_suffix(".safetensors")
+    weights = weights_path(stem)
     if not weights.is_file():
         raise MissingWeights(f"{weights}: no reference classifier (run the train_evaluator stage first)")
     name = reference_name(weights)

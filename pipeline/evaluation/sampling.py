@@ -16,7 +16,7 @@ from pipeline.runtime import Dist, share
 class Samples:
     images_N3HW: torch.Tensor  # in [0, 1]
     labels_N: torch.Tensor
-    indices: list[torch.Tensor]  # idx_Nhw per map
+    tokens: list[torch.Tensor]  # per map: idx_Nhw (vq) or z_NChw (continuous)
     prefixes_NM3HW: torch.Tensor | None = None  # decode after each map (the paper's Figure 1), when asked
 
 
@@ -36,19 +36,19 @@ def sample_images(
     """
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(cfg.seed)
-    images, indices, prefixes = [], [], []
+    images, tokens, prefixes = [], [], []
     for start in range(0, len(labels_N), batch_size):
         label_B = labels_N[start : start + batch_size].to(device)
         maps = generate(model, tokenizer, label_B, cfg, generator)
         images.append(tokenizer.reconstruct(maps).cpu())
-        indices.append([m.cpu() for m in maps])
+        tokens.append([m.cpu() for m in maps])
         if progressive:
             steps = [tokenizer.decode_prefix(maps, m + 1).cpu() for m in range(len(maps))]
             prefixes.append(torch.stack(steps, dim=1))
     return Samples(
         images_N3HW=torch.cat(images),
         labels_N=labels_N.cpu(),
-        indices=[torch.cat(per_map) for per_map in zip(*indices, strict=True)],
+        tokens=[torch.cat(per_map) for per_map in zip(*tokens, strict=True)],
         prefixes_NM3HW=torch.cat(prefixes) if progressive else None,
     )
 
@@ -96,5 +96,5 @@ def sample_sharded(
     return Samples(
         images_N3HW=torch.cat([c.images_N3HW for c in drawn]),
         labels_N=labels_N.cpu(),
-        indices=[torch.cat(per_map) for per_map in zip(*(c.indices for c in drawn), strict=True)],
+        tokens=[torch.cat(per_map) for per_map in zip(*(c.tokens for c in drawn), strict=True)],
     )

@@ -42,15 +42,15 @@ def evaluate_tokenizer(
     usage = torch.zeros(model.cfg.codebook_size, dtype=torch.long, device=device)
     for image, bases, _ in batches:
         image, bases = image.to(device), bases.to(device)
-        indices = model.tokenize(image, bases)
+        tokens = model.tokenize(image, bases)
         if model.continuous:
             latent_ms += model.encode(image).square().mean((1, 2, 3)).sum().item()
         else:
-            for idx in indices:
+            for idx in tokens:
                 usage += torch.bincount(idx.flatten(), minlength=usage.numel())
         ends = model.layout.component_ends()
         for m in range(1, M + 1):
-            decoded = model.decode_prefix(indices, m)
+            decoded = model.decode_prefix(tokens, m)
             sums[m - 1] += F.mse_loss(decoded, image, reduction="none").mean((1, 2, 3)).sum().item()
             if m in ends[:-1]:
                 p = ends.index(m)

@@ -83,8 +83,8 @@ class ReferenceNet(nn.Module):
     def forward(self, img_uint8_B3HW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if img_uint8_B3HW.dtype != torch.uint8 or img_uint8_B3HW.ndim != 4 or img_uint8_B3HW.shape[1] != 3:
             raise ValueError(f"expected uint8 B×3×H×W images, got {img_uint8_B3HW.dtype} {tuple(img_uint8_B3HW.shape)}")
-        # Channels-last: oneDNN's CPU convolutions run 1.4× faster on it (1 thread, batch 128, fp32 and bf16); the
-        # weights keep their layout, so checkpoints do not change.
+        # Channels-last: oneDNN's CPU convolutions run faster on it (bench/RESULTS.md); the weights keep their
+        # layout, so checkpoints do not change.
         x_B3HW = self.normalise(img_uint8_B3HW).contiguous(memory_format=torch.channels_last)
         h_BC = self.body(x_B3HW).mean((2, 3))
         features_BD = F.relu(self.embed(h_BC))

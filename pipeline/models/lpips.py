@@ -24,7 +24,7 @@ def load_lpips(net: str, weights: str | None) -> nn.Module:
     The small linear calibration layers ship inside the lpips wheel; the backbone is read from ``weights`` or
     from the torch hub cache, where torchvision itself would look.
     """
-    # lazy: lpips and torchvision add ~3.1 s; only LPIPS-weighted training needs them
+    # lazy: lpips and torchvision take seconds to import (bench/RESULTS.md); only LPIPS-weighted training needs them
     import lpips
     import torchvision
 

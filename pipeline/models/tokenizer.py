@@ -231,7 +231,7 @@ class Phi(nn.Module):
 class Quantized:
     """Algorithm 1's result for a batch, with what training needs."""
 
-    indices: list[torch.Tensor]  # every map's tokens in generation order: idx_Bhw (vq) or z_BChw (continuous)
+    tokens: list[torch.Tensor]  # every map's tokens in generation order: idx_Bhw (vq) or z_BChw (continuous)
     prefixes: list[torch.Tensor]  # f̂ after each component (base, +D_n, …, +D_1), straight-through to its target
     vq_loss: torch.Tensor  # mean over maps of β‖sg(f̂) − f_target‖² + ‖f̂ − sg(f_target)‖²
     residual_sample: torch.Tensor  # (N, C) residual vectors the quantiser saw, from every map: dead-code restarts
@@ -243,8 +243,9 @@ def full_precision(method):
     """Run a method with autocast off and its half-precision tensor arguments in fp32.
 
     Nearest codes, f̂ and residuals decide which tokens an image gets and what the transformer reads; under bf16
-    autocast 1–18 % of the codes came out different from the fp32 ones that ``extract_tokens`` stores, so training
-    saw other inputs than the tokens it was scored on. VAR computes all of this in fp32 too.
+    autocast some of the codes came out different from the fp32 ones that ``extract_tokens`` stores (how many:
+    bench/RESULTS.md), so training saw other inputs than the tokens it was scored on. VAR computes all of this in
+    fp32 too.
     """
 
     def cast(x):
@@ -367,19 +368,19 @@ class Tokenizer(nn.Module):
     def tokenize_base(self, f_BChw: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The base part of Algorithm 1 for any latent f (e.g. a crop of an upsampled one): VAR's multi-scale
         residual quantisation over the base scales. Returns the base maps and their composition f̂."""
-        residual, f_hat, indices = f_BChw, torch.zeros_like(f_BChw), []
+        residual, f_hat, tokens = f_BChw, torch.zeros_like(f_BChw), []
         for m in range(self.layout.num_base):
-            idx_Bhw, h_BChw, _ = self.quantize_map(residual, m)
-            indices.append(idx_Bhw)
+            map_tokens, h_BChw, _ = self.quantize_map(residual, m)
+            tokens.append(map_tokens)
             f_hat, residual = f_hat + h_BChw, residual - h_BChw
-        return indices, f_hat
+        return tokens, f_hat
 
     @full_precision
     def quantize(self, f_levels: list[torch.Tensor], beta: float = 0.25) -> Quantized:
         """Algorithm 1 on encodings f_{B_0} … f_{B_n}: token maps, component prefixes and the VQ loss."""
         n = self.order
         f_hat = torch.zeros_like(f_levels[0])
-        indices, prefixes, losses, seen = [], [], [], []
+        tokens, prefixes, losses, seen = [], [], [], []
         start = 0
         for component, end in enumerate(self.layout.component_ends()):
             target = f_levels[n - component]  # base: f_{B_n}; detail D_t: f_{B_{t−1}}
@@ -388,45 +389,46 @@ class Tokenizer(nn.Module):
             else:
                 residual = (target - f_levels[n - component + 1]).detach()  # f_{D_t} alone
             for m in range(start, end):
-                idx_Bhw, h_BChw, r = self.quantize_map(residual, m)
+                map_tokens, h_BChw, r = self.quantize_map(residual, m)
                 if self.training and not self.continuous:
                     seen.append(_sample_rows(r.detach().permute(0, 2, 3, 1).flatten(0, 2), self.cfg.codebook_size))
                 f_hat = f_hat + h_BChw
                 residual = residual - h_BChw.detach()
                 losses.append(beta * F.mse_loss(f_hat.detach(), target) + F.mse_loss(f_hat, target.detach()))
-                indices.append(idx_Bhw)
+                tokens.append(map_tokens)
             start = end
             # Straight-through: the decoder sees f̂, the gradient of what it decodes reaches this level's encoder.
             prefixes.append(f_hat.detach() + (target - target.detach()))
         residual_sample = torch.cat(seen) if seen else f_hat.new_zeros(0, f_hat.shape[1])
         latent_ms = torch.stack([f.square().mean() for f in f_levels]).mean()
-        return Quantized(indices, prefixes, torch.stack(losses).mean(), residual_sample, latent_ms)
+        return Quantized(tokens, prefixes, torch.stack(losses).mean(), residual_sample, latent_ms)
 
     @torch.no_grad()
     def tokenize(self, image_B3HW: torch.Tensor, bases_BK3HW: torch.Tensor) -> list[torch.Tensor]:
-        """Algorithm 1: images (and their bases) → token maps idx_Bhw in generation order."""
-        return self.quantize(self.encode_levels(image_B3HW, bases_BK3HW)).indices
+        """Algorithm 1: images (and their bases) → token maps in generation order: idx_Bhw (vq) or z_BChw
+        (continuous)."""
+        return self.quantize(self.encode_levels(image_B3HW, bases_BK3HW)).tokens
 
     # -- Algorithm 2 -------------------------------------------------------------------------------------------
 
     @full_precision
-    def compose(self, indices: list[torch.Tensor], num_maps: int | None = None) -> torch.Tensor:
+    def compose(self, tokens: list[torch.Tensor], num_maps: int | None = None) -> torch.Tensor:
         """f̂ = Σ φ_k(z_k) over the first ``num_maps`` maps (all by default)."""
-        count = len(indices) if num_maps is None else num_maps
-        f_hat = self.map_contribution(indices[0], 0)
+        count = len(tokens) if num_maps is None else num_maps
+        f_hat = self.map_contribution(tokens[0], 0)
         for m in range(1, count):
-            f_hat = f_hat + self.map_contribution(indices[m], m)
+            f_hat = f_hat + self.map_contribution(tokens[m], m)
         return f_hat
 
     @torch.no_grad()
-    def reconstruct(self, indices: list[torch.Tensor]) -> torch.Tensor:
+    def reconstruct(self, tokens: list[torch.Tensor]) -> torch.Tensor:
         """Algorithm 2: token maps → image in [0, 1]."""
-        return self.decode(self.compose(indices)).clamp(0, 1)
+        return self.decode(self.compose(tokens)).clamp(0, 1)
 
     @torch.no_grad()
-    def decode_prefix(self, indices: list[torch.Tensor], num_maps: int) -> torch.Tensor:
+    def decode_prefix(self, tokens: list[torch.Tensor], num_maps: int) -> torch.Tensor:
         """The image the first ``num_maps`` maps describe: ≈ B_n after the base maps, … , ≈ I after all."""
-        return self.decode(self.compose(indices, num_maps)).clamp(0, 1)
+        return self.decode(self.compose(tokens, num_maps)).clamp(0, 1)
 
     # -- what the transformer sees ---------------------------------------------------------------------------
 
@@ -440,12 +442,12 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     @full_precision
-    def teacher_forcing_inputs(self, indices: list[torch.Tensor]) -> torch.Tensor:
+    def teacher_forcing_inputs(self, tokens: list[torch.Tensor]) -> torch.Tensor:
         """Inputs for maps 1 … M−1 (map 0 starts from the class token), flattened: x_B(L−1)C."""
-        f_hat = torch.zeros_like(self.map_contribution(indices[0], 0))
+        f_hat = torch.zeros_like(self.map_contribution(tokens[0], 0))
         inputs = []
-        for m in range(1, len(indices)):
-            f_hat = f_hat + self.map_contribution(indices[m - 1], m - 1)
+        for m in range(1, len(tokens)):
+            f_hat = f_hat + self.map_contribution(tokens[m - 1], m - 1)
             inputs.append(self.next_input(f_hat, m).flatten(2).transpose(1, 2))
         return torch.cat(inputs, dim=1)
 

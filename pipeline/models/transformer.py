@@ -36,7 +36,7 @@ from pipeline.models.coarse import FineHead
 from pipeline.models.diffusion import DiffusionConfig, DiffusionHead
 from pipeline.models.heads import CoarseToFineHead, ContinuousHead, Head, SoftmaxHead, TokenLoss
 from pipeline.models.tokenizer import Tokenizer, TokenLayout
-from pipeline.models.weights import load_config, load_state, save_weights
+from pipeline.models.weights import load_config, load_state, save_weights, weights_path
 
 
 @section
@@ -440,12 +440,12 @@ def sampling_flops(model: CART, guided: bool, diffusion_steps: int) -> float:
 # Sampling
 
 
-def teacher_forcing_inputs(model: CART, tokenizer: Tokenizer, indices: list[torch.Tensor]) -> torch.Tensor:
-    """What ``model`` reads for the token maps ``indices``: f̂ before every map (next-map), or the code vector of
-    every token but the last, in sequence order (next-token)."""
+def teacher_forcing_inputs(model: CART, tokenizer: Tokenizer, tokens: list[torch.Tensor]) -> torch.Tensor:
+    """What ``model`` reads for the token maps ``tokens``: f̂ before every map (next-map), or the code vector of
+    every token but the last, in sequence order (next-token: codes only)."""
     if model.cfg.prediction == "next_map":
-        return tokenizer.teacher_forcing_inputs(indices)
-    idx_BL = torch.cat([idx.flatten(1) for idx in indices], dim=1)
+        return tokenizer.teacher_forcing_inputs(tokens)
+    idx_BL = torch.cat([idx.flatten(1) for idx in tokens], dim=1)
     return tokenizer.codebook.weight.detach()[idx_BL[:, :-1]]
 
 
@@ -552,14 +552,14 @@ def _generate_tokens(
         if guided:
             x_B1C = x_B1C.repeat(2, 1, 1)
     idx_BL = torch.cat(drawn, dim=1)
-    indices = [
+    maps = [
         idx_BL[:, start:end].view(B, m.side, m.side)
         for m, start, end in zip(layout.maps, layout.offsets, layout.offsets[1:], strict=False)
     ]
     if on_map is not None:
         for m in range(layout.num_maps):
-            on_map(m, indices[: m + 1])
-    return indices
+            on_map(m, maps[: m + 1])
+    return maps
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -594,7 +594,7 @@ def ema_stem(stem: str | Path) -> Path:
 def sampling_stem(stem: str | Path, weights: Literal["ema", "raw"]) -> tuple[Path, Literal["ema", "raw"]]:
     """The weights to sample with (``SamplingConfig.weights``): the average at ``<stem>_ema`` when asked for and
     present, else ``stem`` itself; and which of the two it is."""
-    if weights == "ema" and ema_stem(stem).with_suffix(".safetensors").is_file():
+    if weights == "ema" and weights_path(ema_stem(stem)).is_file():
         return ema_stem(stem), "ema"
     return Path(stem), "raw"
 

@@ -192,7 +192,7 @@ def _lpips_if_available(cfg: TokenizerLossConfig) -> nn.Module | None:
 
 
 def _report(results: dict[str, dict[str, Any]], main: Tokenizer, val_loader, paths: TokenizerPaths) -> None:
-    # lazy: matplotlib adds ~0.8 s to every stage's start (pipeline.params imports this module)
+    # lazy: pipeline.params imports this module, and matplotlib would slow every stage's start (bench/RESULTS.md)
     from pipeline.evaluation.figures import depth_curves_figure, prefix_decodes_figure
 
     scalars = {name: {k: v for k, v in r.items() if not isinstance(v, list)} for name, r in results.items()}

@@ -176,7 +176,7 @@ class TokenizerTask:
             self._fakes.append(recon.detach())
         if not self.model.continuous:
             with torch.no_grad():
-                for idx in quantized.indices:
+                for idx in quantized.tokens:
                     self.usage.add_(torch.bincount(idx.flatten(), minlength=self.usage.numel()))
                 self._residuals = quantized.residual_sample
         return loss, logs
@@ -215,7 +215,8 @@ class TokenizerTask:
         if step == 0 and self.codes_from_data and self._residuals is not None:
             # With VQGAN's near-zero init every latent first snaps to a handful of codes, φ(z) is almost constant,
             # the decoder learns to ignore it and the encoder collapses onto the codes: the one-map VQ-VAE never
-            # left 11 dB that way. Codes drawn from the encoder's own outputs make the first decodes informative.
+            # learned to reconstruct that way (bench/RESULTS.md). Codes drawn from the encoder's own outputs make
+            # the first decodes informative.
             everything = torch.arange(self.usage.numel(), device=self.usage.device)
             self._restart(everything)
             self.usage.zero_()

@@ -35,7 +35,7 @@ from pipeline.models.transformer import (
     save_transformer,
     teacher_forcing_inputs,
 )
-from pipeline.models.weights import init_fingerprint, load_init_source
+from pipeline.models.weights import config_path, init_fingerprint, load_init_source, weights_path
 from pipeline.progress import Progress
 from pipeline.runtime import dist_from_env
 from pipeline.training.self_correction import SelfCorrectionConfig, self_correct
@@ -184,21 +184,23 @@ class TransformerTask:
         return [Phase("transformer", optimizer, self.loss, list(self.model.parameters()))]
 
     def to_device(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        idx_BL, label_B = batch
-        return idx_BL.to(device, non_blocking=True), label_B.to(device, non_blocking=True)
+        tokens_BL, label_B = batch
+        return tokens_BL.to(device, non_blocking=True), label_B.to(device, non_blocking=True)
 
-    def inputs(self, idx_BL: torch.Tensor) -> torch.Tensor:
-        return teacher_forcing_inputs(self.model, self.tokenizer, split_maps(idx_BL, self.model.layout))
+    def inputs(self, tokens_BL: torch.Tensor) -> torch.Tensor:
+        return teacher_forcing_inputs(self.model, self.tokenizer, split_maps(tokens_BL, self.model.layout))
 
     def loss(self, batch, step: int):
-        idx_BL, label_B = batch
+        tokens_BL, label_B = batch
         if self.self_correction.p > 0:
-            inputs, targets = self_correct(self.tokenizer, split_maps(idx_BL, self.model.layout), self.self_correction)
+            inputs, targets = self_correct(
+                self.tokenizer, split_maps(tokens_BL, self.model.layout), self.self_correction
+            )
             x_BlC = teacher_forcing_inputs(self.model, self.tokenizer, inputs)
-            idx_BL = torch.cat([idx.flatten(1) for idx in targets], dim=1)
+            tokens_BL = torch.cat([idx.flatten(1) for idx in targets], dim=1)
         else:
-            x_BlC = self.inputs(idx_BL)
-        loss_BL, correct_BL, parts = self.net(label_B, x_BlC, idx_BL)
+            x_BlC = self.inputs(tokens_BL)
+        loss_BL, correct_BL, parts = self.net(label_B, x_BlC, tokens_BL)
         logs = {"loss": loss_BL.mean().item()} | {k: v.item() for k, v in parts.items()}
         with torch.no_grad():
             logs |= self._per_map(loss_BL, correct_BL)
@@ -243,11 +245,11 @@ def evaluate_transformer(
     count = 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
-        for idx_BL, label_B in batches:
-            idx_BL, label_B = idx_BL.to(device), label_B.to(device)
+        for tokens_BL, label_B in batches:
+            tokens_BL, label_B = tokens_BL.to(device), label_B.to(device)
             if unconditional:
                 label_B = torch.full_like(label_B, model.num_classes)
-            loss_BL, correct_BL, parts = model(label_B, task.inputs(idx_BL), idx_BL)
+            loss_BL, correct_BL, parts = model(label_B, task.inputs(tokens_BL), tokens_BL)
             batch = {"loss": loss_BL.mean().item()}
             if correct_BL is not None:
                 batch["acc"] = correct_BL.float().mean().item()
@@ -412,8 +414,8 @@ def train_transformer(
     if task.ema is not None:
         save_transformer(ema_stem(paths.model), task.ema, extra | {"ema_decay": cfg.train.ema_decay})
     else:  # an average left by an earlier run would be sampled in place of these weights
-        for suffix in (".safetensors", ".json"):
-            ema_stem(paths.model).with_suffix(suffix).unlink(missing_ok=True)
+        for path in (weights_path(ema_stem(paths.model)), config_path(ema_stem(paths.model))):
+            path.unlink(missing_ok=True)
     names = map_names(model.layout)
     # What the class is worth to the model: the val loss without it, minus with it, is what guidance can amplify.
     null = evaluate_transformer(model, tokenizer, iter(val_loader.epoch(0)), unconditional=True)
