@@ -61,6 +61,22 @@ def scripted(monkeypatch, fids: list[float]) -> None:
     monkeypatch.setattr(tokenizer_stage, "RfidMeter", Scripted)
 
 
+def test_the_state_keeps_the_first_lowest_measurement_and_its_weights_and_refuses_a_nan():
+    from pipeline.training.rfid import RfidState
+    from tests.test_tokenizer import make
+
+    model = make(0)
+    state = RfidState(model, 4)
+    for step, fid in ((10, 5.0), (20, 3.0), (30, 3.0)):
+        with torch.no_grad():
+            model.decoder.last_layer.fill_(step)
+        state.record(step, fid, model)
+    assert state.summary() == {"rfid_inception": 3.0, "rfid_step": 20, "rfid_measurements": 3, "steps_trained": 30}
+    assert state.since_best() == 1 and bool((state.best.decoder.last_layer == 20).all())
+    with pytest.raises(FloatingPointError, match="step 40: the rFID is nan"):
+        state.record(40, math.nan, model)
+
+
 def test_rfid_is_measured_logged_and_reported_against_the_val_originals(workspace, weights):
     with_rfid(workspace, weights, {"every": 6})
     result = CliRunner().invoke(app, ["train-tokenizer"])

@@ -84,6 +84,8 @@ class RfidState(nn.Module):
 
     @torch.no_grad()
     def record(self, step: int, fid: float, model: Tokenizer) -> None:
+        if not math.isfinite(fid):  # NaN marks a measurement not yet taken; and NaN reconstructions are a failure
+            raise FloatingPointError(f"step {step}: the rFID is {fid} (are the reconstructions finite?)")
         k = self.taken
         self.fid_K[k], self.step_K[k] = fid, step
         if self.best_index() == k:
