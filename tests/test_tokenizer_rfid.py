@@ -110,35 +110,29 @@ def test_rfid_against_a_reference_file_says_which(workspace, weights):
     assert not (workspace / "models/checkpoints/tokenizer/rfid-reference").exists()  # nothing of val to cache
 
 
-def test_the_saved_tokenizer_is_the_best_by_rfid_not_the_last(workspace, monkeypatch):
-    scripted(monkeypatch, [5.0, 3.0, 4.0])  # after steps 4, 8, 12: the best is step 8's
-    with_rfid(workspace, None, {"every": 4}, {"checkpoint_every": 4})
-    result = CliRunner().invoke(app, ["train-tokenizer"])
-    assert result.exit_code == 0, result.output
-    saved = load_file(str(workspace / "models/tokenizer/tokenizer.safetensors"))
-    (run,) = (workspace / CHECKPOINTS).iterdir()
-    at_8, at_12 = (load_file(str(run / f"step-{s:08d}" / "model.safetensors")) for s in (8, 12))
-    assert all(torch.equal(v, at_8[f"tokenizer.{k}"]) for k, v in saved.items())
-    assert not all(torch.equal(v, at_12[f"tokenizer.{k}"]) for k, v in saved.items())  # the last weights differ
-    metrics = json.loads((workspace / "metrics" / "tokenizer.json").read_text())["tokenizer"]
-    assert (metrics["rfid_inception"], metrics["rfid_step"], metrics["steps_trained"]) == (3.0, 8, 12)
-
-
-def test_patience_stops_training_and_a_rerun_trains_no_further(workspace, monkeypatch):
+def test_patience_stops_training_the_best_weights_are_saved_and_a_rerun_trains_no_further(workspace, monkeypatch):
     scripted(monkeypatch, [5.0, 3.0, 4.0, 3.0, 9.0, 9.0])  # equal is no improvement: stops after step 8
-    with_rfid(workspace, None, {"every": 2, "patience": 2}, {"checkpoint_every": 100, "log_every": 1})
+    train = {"checkpoint_every": 2, "keep_checkpoints": 10, "log_every": 1}
+    with_rfid(workspace, None, {"every": 2, "patience": 2}, train)
     result = CliRunner().invoke(app, ["train-tokenizer"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((workspace / "metrics" / "tokenizer.json").read_text())["tokenizer"]
     assert (metrics["rfid_inception"], metrics["rfid_step"], metrics["steps_trained"]) == (3.0, 4, 8)
     assert max(step for step, _ in logged(workspace, "train/rec_mse")) == 7  # no step after the 8th
     (run,) = (workspace / CHECKPOINTS).iterdir()
-    assert [p.name for p in run.iterdir()] == ["step-00000008"]  # checkpointed where it stopped
+    assert max(p.name for p in run.iterdir()) == "step-00000008"  # checkpointed where it stopped
+    # What the stage saved is step 4's weights (the best), not step 8's (the last).
+    saved = load_file(str(workspace / "models/tokenizer/tokenizer.safetensors"))
+    at_4, at_8 = (load_file(str(run / f"step-{s:08d}" / "model.safetensors")) for s in (4, 8))
+    assert all(torch.equal(v, at_4[f"tokenizer.{k}"]) for k, v in saved.items())
+    assert not all(torch.equal(v, at_8[f"tokenizer.{k}"]) for k, v in saved.items())
     # Rerun: resumed from the stopped run's checkpoint, it measures and trains nothing more.
     scripted(monkeypatch, [])
     result = CliRunner().invoke(app, ["train-tokenizer"])
     assert result.exit_code == 0, result.output
     assert json.loads((workspace / "metrics" / "tokenizer.json").read_text())["tokenizer"] == metrics
+    again = load_file(str(workspace / "models/tokenizer/tokenizer.safetensors"))
+    assert again.keys() == saved.keys() and all(torch.equal(v, saved[k]) for k, v in again.items())
 
 
 def test_a_bad_reference_stats_file_exits_2_naming_the_key_before_training(workspace, weights):
