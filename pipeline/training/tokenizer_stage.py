@@ -23,7 +23,8 @@ from pipeline.models.lpips import load_lpips
 from pipeline.models.tokenizer import Tokenizer, TokenizerModelConfig, init_tokenizer_from, save_tokenizer
 from pipeline.models.weights import MissingWeights, init_fingerprint
 from pipeline.progress import Progress
-from pipeline.runtime import dist_from_env
+from pipeline.runtime import dist_from_env, resolve_device
+from pipeline.training.rfid import RfidConfig, RfidMeter, RfidTracking
 from pipeline.training.tokenizer_training import TokenizerLossConfig, TokenizerTask
 from pipeline.training.train import RunPaths, TrainConfig, shard_training_loader, train
 
@@ -47,6 +48,11 @@ class TokenizerConfig:
         "for the Figure-7 comparison.",
     )
     eval_images: int = Field(256, ge=1, description="Val images used for the reconstruction metrics.")
+    rfid: RfidConfig = Field(
+        default_factory=RfidConfig,
+        description="Training until the rFID (Inception FID of the val reconstructions) stops improving: the best "
+        "weights are saved (docs/pipeline.md).",
+    )
     init_from: str | None = Field(
         None,
         description="Stem of a saved tokenizer (e.g. one `cart import-var` wrote) to start every variant from: "
@@ -103,10 +109,14 @@ def train_tokenizers(
     paths: TokenizerPaths,
     progress: Progress | None = None,
     log: Callable[[str], None] = lambda message: None,
+    inception_weights: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train every variant (resuming from matching checkpoints), save weights, evaluate, draw the figures.
 
-    With ``cfg.init_from`` every variant starts from that tokenizer; ``log`` hears what was copied."""
+    With ``cfg.init_from`` every variant starts from that tokenizer; ``log`` hears what was copied. With
+    ``cfg.rfid.every`` every variant is measured by rFID (the FID network from ``inception_weights``, as
+    ``evaluate.inception_weights``) while it trains, stops early by ``cfg.rfid.patience``, and its best weights
+    are saved."""
     perceptual = load_lpips(cfg.loss.lpips_net, cfg.loss.lpips_weights) if cfg.loss.lambda_perceptual > 0 else None
     manifest = json.loads((paths.data / "manifest.json").read_text())
     if manifest["order"] != order:
@@ -121,10 +131,22 @@ def train_tokenizers(
     train_loader, per_epoch = shard_training_loader(train_urls, decode_training_sample, count, cfg.train)
     val_loader = ShardLoader(val_urls, decode_training_sample, batch_size=64, shuffle=False)
     highres = highres_term_loaders(paths.shards, cfg)
+    meter = None
+    if cfg.rfid.every and not cfg.frozen and dist_from_env().is_main:  # before training: a bad file stops it now
+        meter = RfidMeter(
+            cfg.rfid,
+            inception_weights,
+            lambda: iter(val_loader.epoch(0)),
+            manifest["splits"]["val"]["count"],
+            paths.data / "val",
+            paths.checkpoints / "rfid-reference",
+            resolve_device(cfg.train.device),
+        )
     inputs = atomic.files_fingerprint(paths.data) + init_fingerprint(cfg.init_from)
     if highres is not None:
         inputs += atomic.files_fingerprint(paths.shards)
     results: dict[str, dict[str, Any]] = {}
+    rfid_results: dict[str, dict[str, Any]] = {}
     models: dict[str, Tokenizer] = {}
     for variant in variants(cfg, order):
         torch.manual_seed(cfg.train.seed)
@@ -136,6 +158,7 @@ def train_tokenizers(
             log(f"{variant.name}: frozen (tokenizer.frozen), not trained")
             models[variant.name] = model.eval()
             continue
+        rfid = RfidTracking(cfg.rfid, cfg.train.steps, model, meter) if cfg.rfid.every else None
         task = TokenizerTask(
             model,
             cfg.loss,
@@ -144,6 +167,7 @@ def train_tokenizers(
             perceptual,
             codes_from_data=cfg.loss.init_codes_from_data and not cfg.init_from,
             highres_loader=None if highres is None else highres[0],
+            rfid=rfid,
         )
         run = RunPaths(paths.checkpoints / variant.name, paths.live / variant.name)
         settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("compare", "eval_images")}
@@ -151,6 +175,11 @@ def train_tokenizers(
             variant.name, variant.order, dataclasses.asdict(variant.model), settings, inputs
         )
         train(task, cfg.train, train_loader.epoch, run, fingerprint, batches_per_epoch=per_epoch, progress=progress)
+        if rfid is not None:  # what the stage saves: the weights of the best rFID, not the last ones
+            model.load_state_dict(rfid.state.best.state_dict())
+            rfid_results[variant.name] = rfid.summary()
+            log(f"{variant.name}: rFID {rfid_results[variant.name]['rfid_inception']:.2f} at step "
+                f"{rfid_results[variant.name]['rfid_step']} (the saved weights)")  # fmt: skip
         models[variant.name] = model.eval()
     if not dist_from_env().is_main:
         return results
@@ -163,6 +192,7 @@ def train_tokenizers(
         results[variant.name] = evaluate_tokenizer(model, iter(val_loader.epoch(0)), cfg.eval_images, perceptual)
         if highres is not None:
             results[variant.name]["psnr_highres"] = highres_psnr(model, iter(highres[1].epoch(0)), cfg.eval_images)
+        results[variant.name] |= rfid_results.get(variant.name, {})
         results[variant.name]["order"] = variant.order
         results[variant.name]["maps"] = model.layout.num_maps
     _report(results, models["tokenizer"], val_loader, paths)

@@ -24,6 +24,7 @@ from pipeline.config import Field, section
 from pipeline.evaluation.tokenizer import evaluate_tokenizer, psnr
 from pipeline.models.convnets import PatchDiscriminator
 from pipeline.models.tokenizer import Tokenizer
+from pipeline.training.rfid import RfidTracking
 from pipeline.training.train import Phase, TrainConfig, adamw, batches_from, decay_groups
 
 
@@ -87,6 +88,7 @@ class TokenizerTask:
         perceptual: nn.Module | None = None,
         codes_from_data: bool | None = None,
         highres_loader: tuple[Any, int] | None = None,
+        rfid: RfidTracking | None = None,
     ):
         self.model, self.cfg = model, cfg
         # An initialised codebook (init_from) is kept: drawing it again from residuals would throw it away.
@@ -107,9 +109,12 @@ class TokenizerTask:
         # Reconstructions of each micro-batch of a step, for the discriminator's phase, which reads them in order.
         self._fakes: collections.deque[torch.Tensor] = collections.deque()
         self._residuals: torch.Tensor | None = None
+        # rFID every few steps, the best weights and early stopping (tokenizer.rfid): checkpointed state too.
+        self.rfid = rfid
 
     def modules(self) -> dict[str, nn.Module]:
         modules = {"tokenizer": self.model, "counters": self.counters}
+        modules |= {"rfid": self.rfid.state} if self.rfid is not None else {}
         return modules | ({"discriminator": self.disc} if self.disc is not None else {})
 
     @property
@@ -251,6 +256,12 @@ class TokenizerTask:
         for slot in ("exp_avg", "exp_avg_sq"):
             if slot in state:
                 state[slot][dead] = 0
+
+    def measure(self, done: int) -> dict[str, float]:
+        return self.rfid.measure(done, self.model) if self.rfid is not None else {}
+
+    def stopped(self) -> bool:
+        return self.rfid is not None and self.rfid.stopped()
 
     def evaluate(self) -> dict[str, float]:
         result = evaluate_tokenizer(self.model, self.val_batches(), self.eval_images)

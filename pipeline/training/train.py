@@ -78,7 +78,12 @@ class Phase:
 
 
 class Task(Protocol):
-    """What the loop trains. ``modules`` holds all state to checkpoint; ``wrap`` receives them DDP-wrapped."""
+    """What the loop trains. ``modules`` holds all state to checkpoint; ``wrap`` receives them DDP-wrapped.
+
+    A task may also define ``measure(done) -> dict``, called after each step with the steps done (what it returns
+    is logged at that step: the tokenizer's rFID), and ``stopped() -> bool``: once true, the run checkpoints and
+    ends before ``cfg.steps`` (early stopping), and a rerun resumed from that checkpoint trains no further.
+    """
 
     def modules(self) -> dict[str, nn.Module]: ...
 
@@ -245,9 +250,12 @@ def train(
             "bf16" if uses_bf16(cfg.precision, device) else "no (fp32)",
         )
     progress.start(f"train from step {start_step}", cfg.steps - start_step, unit="steps")
+    measure = getattr(task, "measure", lambda done: {})
+    stopped = getattr(task, "stopped", lambda: False)
+    last = start_step if stopped() else cfg.steps  # a run that stopped early, rerun: nothing more to train
     metrics: dict[str, float] = {}
     window_start, window_samples = time.perf_counter(), 0
-    for step in range(start_step, cfg.steps):
+    for step in range(start_step, last):
         micro_batches = [task.to_device(next(batches), device) for _ in range(accumulation)]
         factor = lr_factor(step, cfg)
         logs: dict[str, float] = {"lr": cfg.lr * factor}
@@ -286,15 +294,21 @@ def train(
             logs["samples_per_s"] = window_samples / max(elapsed, 1e-9)
             live.log(step, {f"train/{k}" if "/" not in k else k: v for k, v in logs.items()})
             window_start, window_samples = time.perf_counter(), 0
-        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+        if measured := measure(done):
+            live.log(step, measured)
+        stop = stopped()
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps or stop:
             metrics = _evaluate(task, dist)
             live.log(step, metrics)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:
             if dist.is_main:
                 save_checkpoint(paths.checkpoints, done, fingerprint, modules, optimizers, cfg.keep_checkpoints)
             barrier(dist)
         progress.advance()
-    if start_step >= cfg.steps:  # already finished: evaluate what the checkpoint holds
+        if stop:
+            log.info("stopped early after step %d of %d", done, cfg.steps)
+            break
+    if start_step >= last:  # already finished (or stopped early): evaluate what the checkpoint holds
         metrics = _evaluate(task, dist)
     live.close()
     return metrics
