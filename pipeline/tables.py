@@ -3,6 +3,7 @@
     cart tables --table cifar10 --root /tmp/tables --jobs 8 --out tables-cifar10.json \
         --set data.archive=/path/to/cifar-10-binary.tar.gz      # or leave it out: the shard stage downloads
     cart tables --table demo --root /tmp/tables-demo --jobs 1 --only o0 --only o0-ctf
+    cart tables --table cifar10 --until train_tokenizer ...   # only the rows' stages up to their tokenizers
     cart tables --report tables-cifar10.json          # the markdown tables of a finished run
 
 A row is the table's params file with a few keys changed (params/tables.yaml, as `dvc exp run -S key=value`
@@ -166,6 +167,8 @@ def _prepare(job: Job, root: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for name in CODE:
         link = directory / name
+        if link.is_symlink() and link.readlink() != REPO / name:  # a root another checkout started: run this one's
+            link.unlink()
         if not link.is_symlink():
             link.symlink_to(REPO / name)
     (directory / "params.yaml").write_text(yaml.safe_dump(job.params, sort_keys=False))
@@ -481,6 +484,16 @@ def table_rows(
     return spec, rows
 
 
+def stages_until(stages: list[Stage], until: str | None) -> list[Stage]:
+    """dvc.yaml's stages up to and including ``until`` (all of them for None): e.g. the rows' tokenizers alone."""
+    if until is None:
+        return stages
+    names = [s.name for s in stages]
+    if until not in names:
+        raise KeyError(f"--until {until!r}: not a stage that tables run ({', '.join(names)})")
+    return stages[: names.index(until) + 1]
+
+
 def run_table(
     table: str,
     spec: dict[str, Any],
@@ -492,10 +505,11 @@ def run_table(
     fail_fast: bool,
     out: Path | None,
     say: Callable[[str], None],
+    until: str | None = None,
 ) -> None:
-    """Run the rows' stages (see the module's docstring); with ``out``, rewrite the results file as each stage
-    finishes and ``say`` the report at the end; ``say`` hears every line of progress."""
-    jobs, row_jobs = plan(rows, read_stages(REPO / "dvc.yaml"))
+    """Run the rows' stages (see the module's docstring), or only those up to ``until``; with ``out``, rewrite the
+    results file as each stage finishes and ``say`` the report at the end; ``say`` hears every line of progress."""
+    jobs, row_jobs = plan(rows, stages_until(read_stages(REPO / "dvc.yaml"), until))
     say(f"{len(rows)} rows, {len(jobs)} distinct stages, {parallel} at a time")
 
     def save() -> None:

@@ -33,6 +33,9 @@ def command(
     fail_fast: Annotated[bool, typer.Option(help="Stop if a stage fails before any row finishes.")] = False,
     out: Annotated[Path | None, typer.Option(help="Results JSON, rewritten as stages finish.")] = None,
     report: Annotated[Path | None, typer.Option(help="Print the markdown tables of a results JSON and stop.")] = None,
+    until: Annotated[
+        str | None, typer.Option(help="Run only dvc.yaml's stages up to this one, e.g. train_tokenizer.")
+    ] = None,
 ) -> None:
     """Run a table's rows: every stage of dvc.yaml once per distinct input, several at a time, resuming after a kill.
 
@@ -50,9 +53,20 @@ def command(
     overrides = set_ or []
     try:
         spec, params = tables.table_rows(rows or tables.ROWS, table, overrides, only)
+        tables.stages_until(tables.read_stages(tables.REPO / "dvc.yaml"), until)
     except KeyError as err:  # an override of a key the params file lacks would otherwise run an unchanged row
         console.print(f"[bold red]error:[/] {err.args[0]}", soft_wrap=True)
         raise typer.Exit(EXIT_INVALID_PARAMS) from None
     tables.run_table(
-        table, spec, params, overrides, root, jobs, deadline, fail_fast, out, lambda line: print(line, flush=True)
+        table,
+        spec,
+        params,
+        overrides,
+        root,
+        jobs,
+        deadline,
+        fail_fast,
+        out,
+        lambda line: print(line, flush=True),
+        until,
     )

@@ -212,3 +212,27 @@ def test_the_command_reports_a_results_file_and_refuses_an_override_of_a_missing
     result = CliRunner().invoke(app, typo)
     assert result.exit_code == 2 and "transformer.train.sed" in result.output
     assert not (tmp_path / "root").exists()
+
+
+def test_until_runs_only_the_stages_up_to_the_named_one_and_refuses_an_unknown_stage(tmp_path):
+    stages = tables.read_stages(REPO / "dvc.yaml")
+    kept = [s.name for s in tables.stages_until(stages, "train_tokenizer")]
+    assert kept == ["shard", "decompose", "train_tokenizer"]
+    assert tables.stages_until(stages, None) == stages
+    jobs, _ = tables.plan(_rows(o3={}, o0={"decompose.order": 0}), tables.stages_until(stages, "train_tokenizer"))
+    assert sorted(j.stage.name for j in jobs.values()) == ["decompose"] * 2 + ["shard"] + ["train_tokenizer"] * 2
+    typo = ["tables", "--table", "demo", "--root", str(tmp_path / "root"), "--until", "train_tokeniser"]
+    result = CliRunner().invoke(app, typo)
+    assert result.exit_code == 2 and "train_tokeniser" in result.output
+    assert not (tmp_path / "root").exists()
+
+
+def test_a_stage_directory_made_by_another_checkout_runs_this_checkouts_code(tmp_path):
+    jobs, _ = tables.plan(_rows(o3={}), tables.read_stages(REPO / "dvc.yaml"))
+    shard = next(j for j in jobs.values() if j.stage.name == "shard")
+    stale = tmp_path / shard.name
+    stale.mkdir()
+    (stale / "pipeline").symlink_to(tmp_path / "gone-checkout" / "pipeline")  # dangling, as a removed worktree's
+    directory = tables._prepare(shard, tmp_path)
+    for name in tables.CODE:
+        assert (directory / name).readlink() == REPO / name
