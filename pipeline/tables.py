@@ -54,7 +54,8 @@ ROWS = REPO / "params" / "tables.yaml"
 
 CODE = ("pipeline", "stages")  # linked into every stage directory: dvc.yaml's code deps
 # sample_fid's protocol (thousands of samples against a dataset's reference statistics) is run on its own: the
-# tables' FIDs are evaluate's (Inception first, FID_ref second), against the val images.
+# tables' FIDs are evaluate's (Inception first, FID_ref second), against the val images; or, for a run on a machine
+# without the FID network, its Inception metrics as `measure_inception` measured them afterwards from its images.
 SKIPPED_STAGES = ("sample_fid",)
 
 
