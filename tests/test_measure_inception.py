@@ -11,13 +11,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from pipeline import tables
 from pipeline.evaluation import deferred
 from pipeline.evaluation.evaluation import HEADLINE
 from pipeline.evaluation.metrics import batched, build, features, inception_extractor, metrics_from_features
 from pipeline.evaluation.sample_fid import statistics, write_statistics
 from stages.cli import app
 from tests.test_inception import random_inception_file
-from tests.test_tables import _cells, _finished, _rows
+from tests.test_tables import REPO, _cells, _finished, _rows
 
 runner = CliRunner()
 
@@ -47,8 +48,8 @@ def returned(tmp_path, monkeypatch) -> dict:
 
 
 def _measure(returned: dict, *extra: str):
-    return runner.invoke(app, ["tables", "--measure", str(returned["results"]), "--inception-weights",
-                               str(returned["weights"]), *extra])  # fmt: skip
+    weights = ["--inception-weights", str(returned["weights"])]
+    return runner.invoke(app, ["tables", "--measure", str(returned["results"]), *weights, *extra])
 
 
 def test_the_packed_images_are_measured_as_evaluate_measures_them_and_lead_the_report(returned):
@@ -126,3 +127,21 @@ def test_a_missing_or_malformed_images_file_stops_with_exit_2_naming_it(returned
 
 def test_a_file_name_holds_only_what_a_returned_file_may_hold():
     assert deferred.file_name("o0@w1.5") == "o0_w1.5.npz" and deferred.file_name("o3-s1") == "o3-s1.npz"
+
+
+def test_only_finished_rows_whose_evaluate_kept_images_are_packed_and_each_once(tmp_path):
+    rows = _rows(o0={"decompose.order": 0}, o3={}, o3_s1={"transformer.train.seed": 1})
+    _, row_jobs = tables.plan(rows, tables.read_stages(REPO / "dvc.yaml"))
+    for name in ("o0", "o3"):  # o3_s1 is still running; o3's evaluate measured Inception itself (no images kept)
+        for job in row_jobs[name]:
+            job.status = "done"
+    evaluate = next(j for j in row_jobs["o0"] if j.stage.name == "evaluate")
+    sets = {"samples": _images(1, 4), "reconstructions": _images(2, 6), "untrained": _images(3, 4)}
+    kept = tmp_path / "root" / evaluate.name / "reports" / "evaluate" / deferred.IMAGES
+    deferred.save_images(kept, sets, torch.arange(4), _images(4, 6))
+    packed, said = set(), []
+    tables.pack_images(row_jobs, tmp_path / "root", tmp_path / "samples", packed, said.append)
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir())[0] == "o0.npz" and len(said) == 1
+    assert packed == {"o0", "o3"}  # done with: not looked at again as later stages finish
+    tables.pack_images(row_jobs, tmp_path / "root", tmp_path / "samples", packed, said.append)
+    assert len(said) == 1
