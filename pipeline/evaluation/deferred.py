@@ -35,6 +35,7 @@ IMAGES = "images.npz"  # in reports/evaluate, when evaluate did not measure the 
 # evaluate's image sets, and the prefix of their metrics (the samples, the ceiling, the floor)
 SETS = {"samples": "", "reconstructions": "reconstruction_", "untrained": "untrained_"}
 PACK_SEED = 0  # which val images' reconstructions travel: the same subset for every row
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed member dates: the same images give the same bytes (np.savez stamps now)
 
 
 def _nhwc(img_uint8_N3HW: torch.Tensor) -> np.ndarray:
@@ -47,8 +48,7 @@ def save_images(
     """evaluate's images (uint8 N×3×H×W each, named as ``SETS``), the samples' labels and the val images they are
     measured against, as one uncompressed .npz written atomically."""
     arrays = {name: _nhwc(sets[name]) for name in SETS} | {"labels": labels_N.numpy(), "val": _nhwc(val_uint8_N3HW)}
-    with atomic.writing(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+    _write_npz(path, arrays, zipfile.ZIP_STORED)
 
 
 def file_name(row: str) -> str:
@@ -56,9 +56,15 @@ def file_name(row: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", row) + ".npz"
 
 
-def _write_compressed(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with atomic.writing(path) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)
+def _write_npz(path: Path, arrays: dict[str, np.ndarray], compression: int = zipfile.ZIP_DEFLATED) -> None:
+    """An .npz as ``np.savez``/``np.savez_compressed`` write it (``np.load`` reads it), written atomically, with
+    fixed member dates."""
+    with atomic.writing(path) as tmp, zipfile.ZipFile(tmp, "w", compression, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            member = zipfile.ZipInfo(f"{name}.npy", _ZIP_DATE)
+            member.compress_type = compression
+            with archive.open(member, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
 
 
 def pack(source: Path, folder: Path, row: str) -> Path:
@@ -67,14 +73,16 @@ def pack(source: Path, folder: Path, row: str) -> Path:
     of the val images' file beside it (``val-<hash>.npz``, written once for the rows that share it)."""
     saved = _read(source, ("samples", "labels", "untrained", "reconstructions", "val"))
     val = saved["val"]
+    if len(saved["reconstructions"]) != len(val):
+        raise InvalidInput(f"{source}: {len(saved['reconstructions'])} reconstructions of {len(val)} val images")
     pick = np.sort(np.random.default_rng(PACK_SEED).choice(len(val), min(len(val), len(saved["samples"])), False))
     val_file = f"val-{hashlib.sha256(val.tobytes()).hexdigest()[:12]}.npz"
     if not (folder / val_file).exists():
-        _write_compressed(folder / val_file, {"val": val})
+        _write_npz(folder / val_file, {"val": val})
     out = folder / file_name(row)
     arrays = {k: saved[k] for k in ("samples", "labels", "untrained")}
     arrays |= {"reconstructions": saved["reconstructions"][pick], "reconstruction_index": pick}
-    _write_compressed(out, arrays | {"val_file": np.array(val_file)})
+    _write_npz(out, arrays | {"val_file": np.array(val_file)})
     return out
 
 
