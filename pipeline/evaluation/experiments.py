@@ -88,7 +88,13 @@ def fid_set(row: dict[str, Any]) -> str | None:
     if _number(samples) is None or reference is None:
         return None
     count = f"{_number(images):.0f} " if _number(images) is not None else ""
-    return f"{_number(samples):.0f} samples vs {count}{reference} images"
+    text = f"{_number(samples):.0f} samples vs {count}{reference} images"
+    later = _get(row, "inception_reference")  # measured afterwards from the images the run returned
+    if later is not None:
+        text += f"; Inception measured afterwards vs {later}"
+        recon = _number(_get(row, "inception_reconstructions"))
+        text += f", ceiling of {recon:.0f} reconstructions" if recon else ""
+    return text
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
