@@ -53,7 +53,7 @@ tokenizer.train.checkpoint_every=2 transformer.model.depth=1 transformer.model.w
 transformer.train.steps=4 transformer.train.batch_size=8 transformer.train.num_workers=0 \
 transformer.train.eval_every=0 transformer.train.checkpoint_every=2 evaluator.model.channels=8 \
 evaluator.model.stages=2 evaluator.model.feature_dim=16 evaluator.train.steps=4 evaluator.train.batch_size=8 \
-evaluator.train.checkpoint_every=2 evaluator.train.num_workers=0 evaluate.samples_per_class=4 \
+evaluator.train.checkpoint_every=2 evaluator.train.num_workers=0 evaluate.samples_per_class=2 \
 evaluate.figure_per_class=1 evaluate.inception=false tokens.batch_size=16"
   DEADLINE=${DEADLINE_SMOKE:-$DEADLINE}
 fi

@@ -114,3 +114,26 @@ def finished_chain(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         return run_chain(tmp_path_factory.mktemp("finished"), monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def _few_feature_inception(tmp_path_factory) -> tuple[Path, str]:
+    """A random FID network file with 16 nonzero pool features (tests/test_inception.py's
+    ``random_inception_file``), made once per session (read-only), and its hash."""
+    from pipeline.evaluation import inception
+    from tests.test_inception import random_inception_file
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        path = random_inception_file(tmp_path_factory.mktemp("inception") / "inception.safetensors", monkeypatch, 16)
+        return path, inception.WEIGHTS_SHA256
+
+
+@pytest.fixture
+def few_feature_inception(_few_feature_inception, monkeypatch) -> Path:
+    """The FID network, random with 16 nonzero features (a FID in seconds), accepted as the real one is (its hash
+    patched in), for the tests whose subject is what is done with the features, not the network."""
+    from pipeline.evaluation import inception
+
+    path, digest = _few_feature_inception
+    monkeypatch.setattr(inception, "WEIGHTS_SHA256", digest)
+    return path

