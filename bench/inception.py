@@ -6,6 +6,10 @@ Variants: ``plain`` (the module as converted: conv, batch norm, ReLU, contiguous
 into the convolutions), ``folded_cl`` (folded + channels-last: what the metrics use), ``folded_cl_bf16`` (the same
 under bf16 autocast; not used: see bench/RESULTS.md for what it does to FID). Input: random 32×32 uint8 images
 (CIFAR-10's size), resized to 299 inside the timed region, as in evaluation. Results in bench/RESULTS.md.
+
+``--roofline`` also prints the ceiling this CPU puts on any fp32 implementation: the network's FLOPs per image
+(torch's FLOP counter, one multiply-add = 2 FLOPs) against the fp32 rate of a large matrix product on the same
+threads (the best rate oneDNN/MKL reach here; a convolution cannot beat it).
 """
 
 from __future__ import annotations
@@ -26,9 +30,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[32], help="Batch sizes to time.")
     parser.add_argument("--rounds", type=int, default=3, help="Alternating rounds (median reported).")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--roofline", action="store_true", help="Also the fp32 ceiling: FLOPs/image vs GEMM rate.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     plain = load_inception()
+    if args.roofline:
+        roofline(plain)
     folded = fold_batch_norm(copy.deepcopy(plain))
     folded_cl = copy.deepcopy(folded).to(memory_format=torch.channels_last)
     variants = {
@@ -59,6 +66,25 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for (name, batch), seen in rates.items():
         print(f"| {name} | {batch} | {statistics.median(seen):.1f} | {min(seen):.1f} | {max(seen):.1f} |")
+
+
+def roofline(net: torch.nn.Module, side: int = 2048, repeats: int = 5) -> None:
+    """Print the network's FLOPs per 299² image, this CPU's fp32 GEMM rate and the images/s they allow at most."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        net(preprocess(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)))
+    flops = counter.get_total_flops()
+    a_NN, b_NN = torch.randn(side, side), torch.randn(side, side)
+    a_NN @ b_NN  # warm-up
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a_NN @ b_NN
+        seconds.append(time.perf_counter() - start)
+    gemm = 2 * side**3 / min(seconds)
+    print(f"FLOPs per image: {flops / 1e9:.2f} G; fp32 GEMM {side}³: {gemm / 1e9:.0f} GFLOP/s (best of {repeats});"
+          f" ceiling {gemm / flops:.1f} images/s")
 
 
 if __name__ == "__main__":
