@@ -17,8 +17,9 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
     It learns the classes of the train shards; the evaluate stage uses its penultimate features for FID, KID and
     precision/recall, its logits for the Inception Score and class consistency, and names those metrics `*_ref`.
     Writes `models/evaluator/evaluator.safetensors` + `.json` and its val accuracy to `metrics/evaluator.json`.
-    When the shards hold 2× references (`data.highres_scale`), the same recipe also trains
-    `models/evaluator/evaluator_2x` on them: the network of the `*_2x` metrics of generation above the trained size.
+    When the shards hold 2× references (`data.highres_scale`) and `evaluate.highres_scale` asks for the metrics of
+    generation above the trained size (`*_2x`), the same recipe also trains their network,
+    `models/evaluator/evaluator_2x`, on the real 2× images.
     """
     from pipeline import atomic
     from pipeline.data.decomposed import split_shards
@@ -29,7 +30,8 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
 
     p = load(params)
     manifest = json.loads((paths.SHARDS / "manifest.json").read_text())
-    scale = manifest.get("highres_scale", 0)
+    # The 2× network serves only evaluate's 2× metrics: trained when they are asked for.
+    scale = manifest.get("highres_scale", 0) if p.evaluate.highres_scale > 1 else 0
     train_urls, val_urls = list_shards(paths.SHARDS / "train"), split_shards(paths.SHARDS / "val")
     classes = manifest["classes"]
     paths.EVALUATOR.parent.mkdir(parents=True, exist_ok=True)
@@ -57,6 +59,9 @@ def command(params: ParamsOption = Path("params.yaml")) -> None:
                 highres_count=manifest["splits"]["train"]["highres_count"],
             )
             result |= {f"{k}_{scale}x": v for k, v in hr.items() if k != "chance_accuracy"}
+        else:  # dvc.yaml declares its checkpoint and plot folders: they exist, empty
+            paths.EVALUATOR_2X_CHECKPOINTS.mkdir(parents=True, exist_ok=True)
+            paths.EVALUATOR_2X_LIVE.mkdir(parents=True, exist_ok=True)
     if not dist_from_env().is_main:
         return
     atomic.write_json(paths.EVALUATOR_METRICS, result)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.evaluation.evaluation import HEADLINE
+from pipeline.evaluation.evaluation import HEADLINE, load_val_images
 from pipeline.evaluation.highres import HighresConfig, cut_tiles, generate_highres, join_tiles, tile_starts
 from pipeline.models.tokenizer import load_tokenizer
 from pipeline.models.transformer import load_transformer
@@ -65,7 +65,10 @@ def test_evaluate_writes_suffixed_metrics_with_ceiling_floor_and_figures(trained
         assert metrics[images] > 0 and metrics[f"val_images{suffix}"] > 0, key
         assert metrics[f"reference_set{suffix}"] == ("val_2x" if suffix else "val"), key
     assert metrics["samples_2x"] == 8 * load_params(Path("params.yaml")).evaluate.highres_per_class
-    assert metrics["reconstructions_2x"] == metrics["val_images_2x"]
+    # The 2× ceiling at the samples' count and class mix: the first highres_per_class real 2× images of each class.
+    _, labels_2x = load_val_images(Path("data/shards"), highres=True)
+    per_class = load_params(Path("params.yaml")).evaluate.highres_per_class
+    assert metrics["reconstructions_2x"] == sum(min(per_class, int((labels_2x == c).sum())) for c in range(8))
     # Generation at 2× against the real 2× val images, through the network trained at 2×; the names say so.
     for route in ("", "bilinear_", "bicubic_", "reconstruction_"):
         for name in ("fid", "kid", "precision", "recall"):
@@ -172,6 +175,23 @@ def test_sample_scale_2_writes_the_comparison_figure(trained):
     result = runner.invoke(app, ["sample", "--scale", "2", "--classes", "0", "--n", "2", "--out", "fig6.png"])
     assert result.exit_code == 0, result.output
     assert Path("fig6.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_without_2x_metrics_the_2x_reference_network_is_not_trained_and_evaluate_measures_at_1x(workspace):
+    """The demo's setting: the shards hold 2× references (for the tokenizer), evaluate.highres_scale is 0."""
+    add_tokens(workspace)
+    write_params(workspace, {"evaluate": {"highres_scale": 0}})
+    for stage in ("train-transformer", "train-evaluator", "evaluate"):
+        result = runner.invoke(app, [stage])
+        assert result.exit_code == 0, result.output
+    assert json.loads(Path("data/shards/manifest.json").read_text())["highres_scale"] == 2
+    assert Path("models/evaluator/evaluator.safetensors").exists()
+    assert not Path("models/evaluator/evaluator_2x.safetensors").exists()
+    assert Path("models/checkpoints/evaluator_2x").is_dir() and Path("metrics/train_evaluator_2x").is_dir()  # outs
+    assert not any("_2x" in k for k in json.loads(Path("metrics/evaluator.json").read_text()))
+    metrics = json.loads(Path("metrics/eval.json").read_text())
+    assert "highres_scale" not in metrics and not any(k.endswith("_2x") for k in metrics)
+    assert not Path("reports/evaluate/highres.png").exists()
 
 
 def test_evaluate_without_the_reference_classifier_says_which_stage_to_run(workspace):

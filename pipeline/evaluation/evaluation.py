@@ -247,7 +247,7 @@ def highres_metrics(
     own tiled reconstruction of the real images (the ceiling). Names end in ``_<scale>x``."""
 
     s = cfg.highres_scale
-    val_uint8, _ = load_val_images(paths.shards, highres=True)
+    val_uint8, val_labels = load_val_images(paths.shards, highres=True)
     if len(val_uint8) <= PRC_NEIGHBOURS:
         raise ValueError(
             f"{paths.shards / 'val'}: {len(val_uint8)} val images have a real {s}× reference (hr.png), too few to "
@@ -257,7 +257,10 @@ def highres_metrics(
     extractor, ref_net = reference_extractor(paths.evaluator_2x), load_evaluator(paths.evaluator_2x, device)
     labels = torch.arange(num_classes).repeat_interleave(cfg.highres_per_class).to(device)
     result = generate_highres(model, tokenizer, labels, sampling, s, cfg.highres)
-    real = val_uint8.float().to(device) / 255
+    # The ceiling at the samples' count and class mix (FID's bias depends on the count): the first
+    # highres_per_class real s× val images of each class, reconstructed; all of them stay the reference.
+    picked = torch.cat([torch.nonzero(val_labels == c).flatten()[: cfg.highres_per_class] for c in range(num_classes)])
+    real = val_uint8[picked].float().to(device) / 255
     order = tokenizer.order
     if order:  # the real 2× images decomposed as the training images were, at the same physical scale
         base = decompose_cfg or DecomposeConfig()
@@ -272,7 +275,7 @@ def highres_metrics(
         ]
     )
     # What the FIDs at s× were measured on: the samples (CART's tiles; bilinear and bicubic upsample their plain
-    # samples, as many), the tokenizer's reconstructions of the real s× val images, against those images.
+    # samples, as many), the tokenizer's reconstructions of as many real s× val images, against all of those.
     metrics: dict[str, Any] = {"highres_scale": s, f"samples_{s}x": len(labels), f"reconstructions_{s}x": len(ceiling)}
     metrics |= {f"val_images_{s}x": len(val_uint8), f"reference_set_{s}x": f"val_{s}x"}
     routes = {
