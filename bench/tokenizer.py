@@ -17,7 +17,8 @@ tokenized and reconstructed, then the FID network at 299×299 and the Fréchet d
 
 With ``--infer N`` it also times, per image, what the later stages ask of the trained tokenizer: ``tokenize`` (the
 extract_tokens stage, in batches of ``tokens.batch_size``) and ``reconstruct`` from those tokens (the decode that
-follows every sample in evaluate and sample_fid, in batches of ``sample_fid.batch_size``), in eval mode:
+follows every sample in evaluate and sample_fid, in batches of ``sample_fid.batch_size``), in eval mode, and the
+validation pass the training loop and the stage take (``evaluate_tokenizer``: every prefix of the maps decoded):
 
     python bench/tokenizer.py --params params/cifar10.yaml --set tokenizer.model.channels=64 --steps 0 --infer 512
 """
@@ -37,6 +38,7 @@ from transformer import override  # bench/transformer.py: dotted --set overrides
 
 import pipeline
 from pipeline.config import build
+from pipeline.evaluation.tokenizer import evaluate_tokenizer
 from pipeline.models.tokenizer import Tokenizer
 from pipeline.training.tokenizer_stage import TokenizerConfig
 from pipeline.training.tokenizer_training import TokenizerTask
@@ -140,9 +142,15 @@ def infer_rows(model: Tokenizer, params: dict, images: int, order: int, size: in
         seconds, cpu_seconds, maps = timed(lambda s: model.tokenize(image_N3HW[s], bases_NK3HW[s]), tokens_batch)
         tokens = [torch.cat(parts) for parts in zip(*maps, strict=True)]
         decode = timed(lambda s: model.reconstruct([t[s] for t in tokens]), decode_batch)
+    batch = params.get("tokenizer", {}).get("train", {}).get("batch_size", 32)  # the val loader's batch
+    val = [(image_N3HW[i : i + batch], bases_NK3HW[i : i + batch], None) for i in range(0, images, batch)]
+    start, cpu_start = time.perf_counter(), time.process_time()
+    evaluate_tokenizer(model, iter(val), images)
+    evaluation = time.perf_counter() - start, time.process_time() - cpu_start
     return [
         (f"tokenize (extract_tokens), batch {tokens_batch}", images, seconds, cpu_seconds, 1),
         (f"reconstruct (sampling's decode), batch {decode_batch}", images, decode[0], decode[1], 1),
+        (f"validation pass ({model.layout.num_maps} prefixes decoded), batch {batch}", images, *evaluation, 1),
     ]
 
 
