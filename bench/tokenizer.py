@@ -6,8 +6,9 @@
 The step is every phase the training loop runs: ``TokenizerTask.generator_loss`` (encode the image and its n
 bases, quantise, decode, reconstruction and VQ loss; with ``tokenizer.loss.lambda_gan`` > 0 also the adversarial
 term and its adaptive weight) under the training stages' autocast, backward and an AdamW step, then, with the
-adversarial term, the discriminator's phase; on random images and bases at the data resolution (the timings do not
-depend on the pixels). Prints a markdown row, or with --json a JSON object (``bench/speedup.py`` reads it).
+adversarial term, the discriminator's phase (steps counted from ``tokenizer.loss.gan_start_step``, so that the term
+is on, as in most of a run's steps); on random images and bases at the data resolution (the timings do not depend on
+the pixels). Prints a markdown row, or with --json a JSON object (``bench/speedup.py`` reads it).
 
 With ``--rfid N`` it also times one rFID measurement as training takes it (``RfidMeter.measure``: N images
 tokenized and reconstructed, then the FID network at 299×299 and the Fréchet distance), with the FID network of
@@ -78,10 +79,11 @@ def main() -> None:
             phase.optimizer.step()
             phase.optimizer.zero_grad(set_to_none=True)
 
-    for i in range(args.warmup):
+    first = cfg.loss.gan_start_step  # steps from the adversarial term's start: as most of a run's steps are
+    for i in range(first, first + args.warmup):
         step(i)
     times, cpu_times = [], []
-    for i in range(args.steps):
+    for i in range(first + args.warmup, first + args.warmup + args.steps):
         start, cpu_start = time.perf_counter(), time.process_time()
         step(i)
         times.append(time.perf_counter() - start)
