@@ -2,12 +2,18 @@
 
     python bench/decompose.py --device cpu --sizes 256 --batch-sizes 1 4 16 --repeats 3 --scipy-images 2
     python bench/decompose.py --device cuda --compile --batch-sizes 1 16 64 --scipy-images 0
+    python bench/decompose.py --params params/cifar10.yaml --folder /tmp/cifar10/train --count 640 --sizes 32 \
+        --batch-sizes 64 --repeats 1 --scipy-images 0 --threads 1
 
 Throughput: the same photographs (whole scikit-image photographs and crops of them, resized to size × size RGB)
 are decomposed at order 3 with the default parameters, in batches of each batch size; median of --repeats after
 one warm-up run. On CUDA it also reports the memory traffic that the CG iterations must move at least (each
 iteration reads and writes x, r and p once and reads its coefficient arrays; iterations counted per image) as a
-fraction of the memory-bandwidth roofline.
+fraction of the memory-bandwidth roofline. --params takes the decomposition parameters (and order) of a params
+file's ``decompose`` section instead of the defaults; --folder decomposes --count images drawn (seed 0) from an
+ImageFolder tree (e.g. CIFAR-10's), resized to each size, instead of the photographs: the CG's iterations depend on
+the pixels. Each throughput row also gives the CPU seconds of this process per image (the wall clock counts other
+jobs' turns on a shared machine).
 
 Reference: ``solve_at_scipy`` (every half-step an exact sparse LU solve) applied recursively to the first
 --scipy-images photographs, against ``decompose`` one image at a time on the same photographs. Both use the same
@@ -22,15 +28,18 @@ import datetime
 import functools
 import os
 import platform
+import random
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from pipeline.data.decompose import DecomposeConfig, decompose, solve_at, solve_at_scipy
-from pipeline.data.sources import DEMO_PHOTOGRAPHS, demo_photograph, resize_square
+from pipeline.data.sources import DEMO_PHOTOGRAPHS, decode_rgb, demo_photograph, resize_square
 from pipeline.runtime import resolve_device
 
 
@@ -44,6 +53,16 @@ def photographs(count: int, size: int) -> torch.Tensor:
             top, left = (photo.shape[0] - side) // 2, (photo.shape[1] - side) // 2
             images.append(resize_square(photo[top : top + side, left : left + side], size))
         zoom *= 2
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+
+
+def folder_sample(root: Path, count: int, size: int) -> torch.Tensor:
+    """``count`` images drawn at random (seed 0) from an ImageFolder tree, resized to size × size, in [0, 1]."""
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    if len(paths) < count:
+        raise SystemExit(f"--folder {root}: {len(paths)} images, fewer than --count {count}")
+    chosen = random.Random(0).sample(paths, count)
+    images = [resize_square(decode_rgb(path.read_bytes()), size) for path in chosen]
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
 
 
@@ -113,6 +132,9 @@ def main() -> None:
     parser.add_argument("--order", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile the CG iteration")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--params", type=Path, help="decompose section of this params file (default: the defaults)")
+    parser.add_argument("--folder", type=Path, help="ImageFolder tree to draw the images from")
+    parser.add_argument("--count", type=int, default=0, help="--folder: images to draw (0: the largest batch)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -128,18 +150,27 @@ def main() -> None:
     def row(figure: str, value: str) -> None:
         print(f"| {figure} | {value} | `{command}` | {where} | {today} |", flush=True)
 
+    settings = {"order": args.order}
+    if args.params:
+        settings = yaml.safe_load(args.params.read_text())["decompose"]
     for size in args.sizes:
-        count = max(args.batch_sizes + [args.scipy_images])
-        images = photographs(count, size).to(device)
+        count = max(args.batch_sizes + [args.scipy_images, args.count])
+        images = folder_sample(args.folder, count, size) if args.folder else photographs(count, size)
+        images = images.to(device)
         for batch_size in args.batch_sizes:
-            cfg = DecomposeConfig(order=args.order, batch_size=batch_size, device=args.device, compile=args.compile)
+            chosen = settings | {"batch_size": batch_size, "device": args.device, "compile": args.compile}
+            cfg = DecomposeConfig(**chosen)
+            cpu_start = time.process_time()
             t = median_seconds(functools.partial(decompose, images, cfg), device, args.repeats)
+            cpu = (time.process_time() - cpu_start) / (args.repeats + 1)  # the warm-up run included
             megapixels = count * size * size / 1e6
-            value = f"{megapixels / t:.3f} MP/s, {count / t:.2f} images/s ({count} images in {t:.2f} s)"
+            value = f"{megapixels / t:.3f} MP/s, {count / t:.2f} images/s ({count} images in {t:.2f} s"
+            value += f"; {cpu / count * 1e3:.1f} CPU ms per image, load average {os.getloadavg()[0]:.1f})"
             if device.type == "cuda":
                 moved = cg_bytes(images, cfg)
                 value += f"; CG moves ≥ {moved / t / 1e9:.0f} GB/s = {moved / t / peak_bandwidth(device):.0%} of peak"
-            row(f"decompose {size}×{size} RGB, order {args.order}, batch {batch_size}, {device.type} {mode}", value)
+            order = cfg.order
+            row(f"decompose {size}×{size} RGB, order {order}, batch {batch_size}, {device.type} {mode}", value)
 
         if args.scipy_images and device.type == "cpu":
             cfg = DecomposeConfig(order=args.order, batch_size=1, device="cpu", compile=args.compile)

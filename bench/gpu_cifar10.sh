@@ -5,7 +5,7 @@
 #   OUT=/path bash bench/gpu_cifar10.sh [ARCHIVE]      ARCHIVE: default shared/datasets/cifar10-train.tar.gz
 #   SMOKE=1 OUT=/tmp/smoke bash bench/gpu_cifar10.sh tiny.tar.gz     the CPU smoke size (tests/test_gpu_cifar10.py)
 #
-# The rows are params/tables.yaml's table `cifar10-gpu` on params/cifar10.yaml, run by `cart tables` (the stages of
+# The rows are params/tables.yaml's table `cifar10-gpu` on params/cifar10-gpu.yaml, run by `cart tables` (the stages of
 # dvc.yaml, several at a time; a rerun on the same ROOT resumes). Writes, as stages finish:
 #   $OUT/results.json   `cart tables`' results file (params, metrics, wall time of every stage, per row)
 #   $OUT/tables.md      its report: Inception FID (ceiling, untrained floor, what it was measured on), then FID_ref,
@@ -18,8 +18,10 @@
 # No stage starts after DEADLINE seconds; at LIMIT the run is stopped (stages resume from their checkpoints on a
 # rerun) and the report written from what finished.
 #
-# BUDGET: the GPU budget below is a first guess sized from the one H200 run's per-stage times (bench/RESULTS.md,
-# 2026-11-29), not yet measured alone on a GPU; override it with BUDGET="key=value …". The evaluate stage reports
+# The GPU budget is params/cifar10-gpu.yaml (its machine settings too: 12 decoding workers, 10 000-image shards and
+# decomposition batches), sized from the one H200 run's per-stage times (bench/RESULTS.md, 2026-11-29) and the
+# networks' FLOPs, not yet measured on a GPU (docs/cifar10.md); change it with BUDGET="key=value …" (and the
+# machine's with MACHINE="key=value …"), applied over the preset. The evaluate stage reports
 # FID_ref, and the Inception FID of the samples against the val images where the FID network loads (its wheel
 # installed); where it does not (a bare machine without the package index), the images come back under
 # $OUT/samples for `cart tables --measure`. The smoke size turns the network off, so it packs the images too.
@@ -34,29 +36,29 @@ LIMIT=${LIMIT:-450}
 DEADLINE=${DEADLINE:-$((LIMIT - 90))}
 JOBS=${JOBS:-4}
 
-# The machine: 16 cores decode the images; one decomposition batch per 10 000-image shard (bench/RESULTS.md).
-MACHINE="data.workers=12 data.shard_size=10000 decompose.batch_size=10000"
-# The GPU budget (see above): a transformer of depth 8 (VAR's width 512) for 3000 steps of 128; the preset's
-# tokenizer and reference classifier.
-DEFAULT_BUDGET="transformer.model.depth=8 transformer.model.width=512 transformer.model.heads=8 \
-transformer.train.steps=3000 transformer.train.batch_size=128 transformer.train.lr=5.0e-4 \
-transformer.train.checkpoint_every=500 transformer.train.eval_every=0"
+# The machine and the budget: the preset's (above), unless MACHINE or BUDGET name other values.
+DEFAULT_MACHINE=""
+DEFAULT_BUDGET=""
 if [[ -n "${SMOKE:-}" ]]; then
   # Every stage runs, at a size the 2-core CPU finishes in about a minute: it checks the plumbing, not the numbers
   # (the FID network at 299² would be most of it: tests/test_evaluate.py checks that path).
-  MACHINE="data.workers=1 data.shard_size=64 data.resolution=16 decompose.outer_iterations=4 decompose.batch_size=64"
+  # val: 10 % of the tiny archive, enough images for the evaluate stage's fidelity metrics.
+  DEFAULT_MACHINE="data.workers=1 data.shard_size=64 data.resolution=16 data.val_fraction=0.1 \
+decompose.outer_iterations=4 decompose.batch_size=64 tokens.batch_size=16 tokenizer.train.num_workers=0 \
+transformer.train.num_workers=0 evaluate.feature_batch_size=32"
   DEFAULT_BUDGET="tokenizer.model.channels=8 tokenizer.model.channel_multipliers=[1,2] \
 tokenizer.model.latent_channels=8 tokenizer.model.codebook_size=64 tokenizer.model.scales=[1,2,4,8] \
 tokenizer.model.attention_levels=[] tokenizer.model.mid_attention=false tokenizer.train.steps=4 \
-tokenizer.train.batch_size=8 tokenizer.train.num_workers=0 tokenizer.train.eval_every=0 tokenizer.eval_images=8 \
-tokenizer.train.checkpoint_every=2 transformer.model.depth=1 transformer.model.width=32 transformer.model.heads=2 \
-transformer.train.steps=4 transformer.train.batch_size=8 transformer.train.num_workers=0 \
-transformer.train.eval_every=0 transformer.train.checkpoint_every=2 evaluator.model.channels=8 \
-evaluator.model.stages=2 evaluator.model.feature_dim=16 evaluator.train.steps=4 evaluator.train.batch_size=8 \
+tokenizer.train.batch_size=8 tokenizer.train.eval_every=0 tokenizer.eval_images=8 tokenizer.train.checkpoint_every=2 \
+tokenizer.rfid.every=0 transformer.model.depth=1 transformer.model.width=32 transformer.model.heads=2 \
+transformer.train.steps=4 transformer.train.batch_size=8 transformer.train.eval_every=0 \
+transformer.train.checkpoint_every=2 evaluator.model.channels=8 evaluator.model.stages=2 \
+evaluator.model.feature_dim=16 evaluator.train.steps=4 evaluator.train.batch_size=8 \
 evaluator.train.checkpoint_every=2 evaluator.train.num_workers=0 evaluate.samples_per_class=2 \
-evaluate.figure_per_class=1 evaluate.inception=false tokens.batch_size=16"
+evaluate.figure_per_class=1 evaluate.inception=false"
   DEADLINE=${DEADLINE_SMOKE:-$DEADLINE}
 fi
+MACHINE=${MACHINE:-$DEFAULT_MACHINE}
 BUDGET=${BUDGET:-$DEFAULT_BUDGET}
 
 mkdir -p "$OUT" "$ROOT"

@@ -196,6 +196,7 @@ class Runner:
     def __init__(self, device: torch.device, steps: int, warmup: int, budget: float):
         self.device, self.steps, self.warmup, self.budget = device, steps, warmup, budget
         self.rate = calibrate(device)
+        self.cpu_times: list[float] = []  # CPU seconds of this process in each timed run of the last measurement
 
     def measure(self, fn, flops: float, between=None) -> tuple[list[float], str]:
         """Seconds of each timed run of ``fn`` (empty if skipped) and a note on what was left out; ``between`` runs
@@ -209,13 +210,14 @@ class Runner:
             note = f"1 run, no warm-up: {self.steps + self.warmup} runs predicted > budget {self.budget:.0f} s"
         for _ in range(warmup):
             fn()
-        times = []
+        times, self.cpu_times = [], []
         for _ in range(runs):
             sync(self.device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             fn()
             sync(self.device)
             times.append(time.perf_counter() - start)
+            self.cpu_times.append(time.process_time() - cpu_start)
             if between is not None:
                 between()
         self.rate = flops / statistics.median(times)
@@ -254,14 +256,18 @@ def result(
     flops: float,
     note: str,
     matmul: dict[str, float] | None = None,
+    cpu_times: list[float] = (),
 ) -> dict:
-    """One measurement: the median seconds and the rates derived from it (None where it was skipped)."""
+    """One measurement: the median seconds and the rates derived from it (None where it was skipped), and the
+    median CPU seconds of the process: on a shared CPU the wall clock counts other jobs' turns, the CPU time not."""
     out = {"config": setup.name, "measurement": what, "device": device.type, "batch": batch, "note": note}
     if not times:
         return out | {"seconds": None}
     seconds = statistics.median(times)
     out |= {"seconds": seconds, "runs": len(times), "images_per_s": images / seconds, "tokens_per_s": tokens / seconds}
     out |= {"model_flops_per_s": flops / seconds}
+    if cpu_times:
+        out["cpu_seconds"] = statistics.median(cpu_times)
     if device.type == "cuda":
         out["mfu"] = flops / seconds / PEAK_FLOPS
     for dtype, rate in (matmul or {}).items():
@@ -287,10 +293,11 @@ def markdown(r: dict) -> str:
     )
     cpu_mfu = f"{r['cpu_mfu']:.0%}" if r.get("cpu_mfu") is not None else "–"
     mfu = f"{r['mfu']:.1%}" if "mfu" in r else "–"
+    cpu = f"CPU {r['cpu_seconds'] * 1e3:.1f} ms; " if r["device"] == "cpu" and "cpu_seconds" in r else ""
     return (
         f"| {r['config']} | {r['measurement']} | {r['device']} | {r['batch']} | "
         f"{r['seconds'] * 1e3:.1f} (median of {r['runs']}) | {r['images_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
-        f"{r['model_flops_per_s'] / 1e12:.3f} | {mfu} | {matmul} | {cpu_mfu} | {r['note']} |"
+        f"{r['model_flops_per_s'] / 1e12:.3f} | {mfu} | {matmul} | {cpu_mfu} | {cpu}{r['note']} |"
     )
 
 
@@ -372,7 +379,10 @@ def bench_training(setup: Setup, runner: Runner, precision: str, compile_model: 
         matmul |= {other: matmul_rate(gemms, dtype, device) for other, dtype in MATMUL_DTYPES.items() if other != name}
     load = f"load average {os.getloadavg()[0]:.1f}" if device.type == "cpu" else ""
     note = "; ".join(part for part in (note, load) if part)
-    return result(setup, f"train step, {name}", device, B, times, B, B * layout.num_tokens, flops, note, matmul)
+    cpu_times = runner.cpu_times
+    return result(
+        setup, f"train step, {name}", device, B, times, B, B * layout.num_tokens, flops, note, matmul, cpu_times
+    )
 
 
 def bench_sampling(setup: Setup, runner: Runner, precision: str) -> dict:
@@ -398,7 +408,9 @@ def bench_sampling(setup: Setup, runner: Runner, precision: str) -> dict:
         note = f"{note + '; ' if note else ''}tokenizer calls {tokenizer_ms:.1f} ms of it"
     s = setup.sampling
     what = f"sample, {precision_name(device, precision)}, w={s.guidance:g}, top-k {s.top_k}, top-p {s.top_p:g}"
-    return result(setup, what, device, B, times, B, B * model.layout.num_tokens, flops, note)
+    load = f"load average {os.getloadavg()[0]:.1f}" if device.type == "cpu" else ""
+    note = "; ".join(part for part in (note, load) if part)
+    return result(setup, what, device, B, times, B, B * model.layout.num_tokens, flops, note, None, runner.cpu_times)
 
 
 def main() -> None:

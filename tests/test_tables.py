@@ -72,6 +72,20 @@ def test_every_row_of_the_shipped_tables_names_real_keys():
             assert set(group) <= set(table["rows"])
 
 
+@pytest.mark.parametrize("preset", ["params/cifar10.yaml", "params/cifar10-gpu.yaml"])
+def test_the_tables_on_each_cifar10_preset_plan_every_stage_with_one_shard_and_one_classifier(preset):
+    spec = yaml.safe_load((REPO / "params" / "tables.yaml").read_text())
+    names = [name for name, table in spec.items() if table["params"] == preset]
+    assert names, f"no table runs {preset}"
+    stages = tables.read_stages(REPO / "dvc.yaml")
+    for name in names:
+        _, rows = tables.table_rows(REPO / "params" / "tables.yaml", name, [], None)
+        jobs, row_jobs = tables.plan(rows, stages)
+        assert all(len(row_jobs[row]) == len(stages) for row in rows), name  # every stage of every row
+        assert len({job.key for job in jobs.values() if job.stage.name in ("shard", "train_evaluator")}) == 2, name
+        assert all(job.params["data"]["source"] == "cifar10" for job in jobs.values() if job.stage.name == "shard")
+
+
 def test_a_guidance_sweep_evaluates_each_row_at_every_weight_and_trains_it_once():
     guidance = {"common": 1.5, "sweep": [1.0, 1.5, 3.0]}
     overrides = tables.expand_guidance({"o0": {"decompose.order": 0}, "o3": None}, guidance)
