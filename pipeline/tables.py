@@ -6,12 +6,12 @@
     cart tables --table cifar10 --until train_tokenizer ...   # only the rows' stages up to their tokenizers
     cart tables --report tables-cifar10.json          # the markdown tables of a finished run
 
-A row is the table's params file with a few keys changed (params/tables.yaml, as `dvc exp run -S key=value`
-changes them). Each stage of dvc.yaml runs exactly as `dvc repro` runs it, `python -m stages <command>` in a
-directory of its own that holds the row's params.yaml and symbolic links to its upstream stages' outputs. A stage's
-directory is named by a hash of the params keys dvc.yaml lists for it and of its upstream stages' names, so rows
-share a stage whose inputs are equal (every row of a table shares one shard and one reference classifier; seeds
-of the transformer share the tokenizer), as DVC's cache would.
+A row is the table's params file with a few keys changed (params/tables.yaml, as `dvc exp run -S key=value` changes
+them; a table's `set` changes keys for all its rows). Each stage of dvc.yaml runs exactly as `dvc repro` runs it,
+`python -m stages <command>` in a directory of its own that holds the row's params.yaml and symbolic links to its
+upstream stages' outputs. A stage's directory is named by a hash of the params keys dvc.yaml lists for it and of its
+upstream stages' names, so rows share a stage whose inputs are equal (every row of a table shares one shard and one
+reference classifier; seeds of the transformer share the tokenizer), as DVC's cache would.
 
 Why not `dvc exp run --queue`: it needs Git and DVC where it runs (a lent GPU machine has neither), and it runs
 each experiment's stages one after another; here independent stages of all rows run side by side (``--jobs``) to
@@ -465,10 +465,12 @@ def table_rows(
     rows_file: Path, table: str, overrides: list[str], only: list[str] | None
 ) -> tuple[dict[str, Any], dict[str, dict]]:
     """The table's spec in ``rows_file`` and its rows' params: the table's params file (relative to the checkout)
-    with ``overrides`` (``key=value``, for every row) and then each row's keys changed; with ``only``, just those
-    rows (a swept table's ``<row>@w<w>`` with them)."""
+    with the table's own ``set`` keys, then ``overrides`` (``key=value``, for every row), then each row's keys
+    changed; with ``only``, just those rows (a swept table's ``<row>@w<w>`` with them)."""
     spec = yaml.safe_load(rows_file.read_text())[table]
     base = yaml.safe_load((REPO / spec["params"]).read_text())
+    for key, value in (spec.get("set") or {}).items():
+        set_key(base, key, value)
     for item in overrides:
         key, value = item.split("=", 1)
         set_key(base, key, yaml.safe_load(value))
