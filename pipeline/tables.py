@@ -48,16 +48,27 @@ from typing import Any
 
 import yaml
 
-from pipeline.evaluation.experiments import EVAL_FILE, cell, experiment_points, flatten, group_runs
+from pipeline.evaluation.experiments import (
+    EVAL_FILE,
+    FID_FILE,
+    SAMPLE_FID,
+    cell,
+    experiment_points,
+    flatten,
+    group_runs,
+)
 
 REPO = Path(__file__).resolve().parent.parent  # the checkout whose dvc.yaml, code and params files the rows run
 ROWS = REPO / "params" / "tables.yaml"
 
 CODE = ("pipeline", "stages")  # linked into every stage directory: dvc.yaml's code deps
-# sample_fid's protocol (thousands of samples against a dataset's reference statistics) is run on its own: the
-# tables' FIDs are evaluate's (Inception first, FID_ref second), against the val images; or, for a run on a machine
-# without the FID network, its Inception metrics as `measure_inception` measured them afterwards from its images.
-SKIPPED_STAGES = ("sample_fid",)
+# sample_fid's protocol (thousands of samples against a dataset's reference statistics) runs only for a table that
+# asks for it (``sample_fid: true``): it needs `evaluate.reference_stats` and the FID network, and costs as much
+# sampling as its samples. Other tables' FIDs are evaluate's (Inception first, FID_ref second), against the val
+# images; or, for a run on a machine without the FID network, its Inception metrics as `measure_inception`
+# measured them afterwards from its images.
+OPTIONAL_STAGES = ("sample_fid",)
+REFERENCE_STATS = "evaluate.reference_stats"  # what sample_fid measures against
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -78,11 +89,12 @@ def _paths(entries: list) -> tuple[str, ...]:
     return tuple(next(iter(e)) if isinstance(e, dict) else e for e in entries or [])
 
 
-def read_stages(dvc_yaml: Path) -> list[Stage]:
-    """dvc.yaml's stages in file order (which is an order that runs each after its deps)."""
+def read_stages(dvc_yaml: Path, optional: tuple[str, ...] = ()) -> list[Stage]:
+    """dvc.yaml's stages in file order (which is an order that runs each after its deps), with those of
+    ``OPTIONAL_STAGES`` named in ``optional``."""
     stages = []
     for name, spec in yaml.safe_load(dvc_yaml.read_text())["stages"].items():
-        if name in SKIPPED_STAGES:
+        if name in OPTIONAL_STAGES and name not in optional:
             continue
         argv = spec["cmd"].split()
         if argv[0] != "python":
@@ -277,10 +289,12 @@ def _tail(log: Path, lines: int = 15) -> str:
 
 
 def _row_point(name: str, result: dict[str, Any]) -> dict[str, Any]:
-    """The run as `dvc exp show` gives it: flattened params and metrics in one dict."""
+    """The run as `dvc exp show` gives it: flattened params and metrics in one dict; sample-fid's metrics under
+    their file's name (``metrics/fid.json:fid_inception``), apart from evaluate's of the same names."""
     point = {"Experiment": name} | flatten(result["params"])
-    for values in result["metrics"].values():
-        point |= flatten(values)
+    for path, values in result["metrics"].items():
+        flat = flatten(values)
+        point |= {f"{path}:{k}": v for k, v in flat.items()} if path == FID_FILE else flat
     return point
 
 
@@ -339,18 +353,30 @@ def _fid_set(row: dict[str, Any]) -> str:
     return "; ".join(text for text in (row["fid_set"], row["inception_note"]) if text) or "–"
 
 
+def _has_sample_fid(rows: list[dict[str, Any]]) -> bool:
+    """Whether any of the table's settings has sample-fid's FID (its table ran sample_fid): then it leads."""
+    return any(math.isfinite(row[SAMPLE_FID]) for row in rows)
+
+
 # Every table's FID columns: the field's FID (Inception) with its ceiling and floor, what it was measured on, then
-# FID_ref with its own (secondary: comparable only between runs sharing the reference classifier).
-def _fid_header(where: str = "") -> str:
+# FID_ref with its own (secondary: comparable only between runs sharing the reference classifier). A table whose
+# rows ran sample_fid leads with its FID (the field's protocol: thousands of samples against the training set's
+# statistics) and what it was measured on; evaluate's FIDs follow, marked as measured against the val images.
+def _fid_header(where: str = "", sample_fid: bool = False) -> str:
+    lead, val = "", ""
+    if sample_fid:
+        lead = f"| FID (Inception, sample-fid vs reference statistics){where} ↓ | sample-fid measured on "
+        val = " vs val"
     return (
-        f"| FID (Inception){where} ↓ | ceiling | untrained floor | FID measured on | FID_ref{where} ↓ "
-        "| ceiling FID_ref | untrained floor FID_ref "
+        f"{lead}| FID (Inception){val}{where} ↓ | ceiling | untrained floor | FID measured on "
+        f"| FID_ref{val}{where} ↓ | ceiling FID_ref | untrained floor FID_ref "
     )
 
 
-def _fid_cells(row: dict[str, Any]) -> str:
+def _fid_cells(row: dict[str, Any], sample_fid: bool = False) -> str:
+    lead = f"| {cell(row, SAMPLE_FID, 2)} | {row['sample_fid_set'] or '–'} " if sample_fid else ""
     return (
-        f"| {cell(row, 'fid_inception', 2)} | {cell(row, 'reconstruction_fid_inception', 2)} "
+        f"{lead}| {cell(row, 'fid_inception', 2)} | {cell(row, 'reconstruction_fid_inception', 2)} "
         f"| {cell(row, 'untrained_fid_inception', 2)} | {_fid_set(row)} | {cell(row, 'fid_ref', 2)} "
         f"| {cell(row, 'reconstruction_fid_ref', 2)} | {cell(row, 'untrained_fid_ref', 2)} "
     )
@@ -361,14 +387,17 @@ def markdown(table_rows: dict[str, dict[str, Any]], group: list[str]) -> str:
     finished = {name: table_rows[name] for name in group if table_rows.get(name, {}).get("finished")}
     if not finished:
         return "(no finished row)\n"
+    rows = settings(finished)
+    sample_fid = _has_sample_fid(rows)
     header = (
-        f"| setting | runs {_fid_header()}| class consistency ↑ | precision_ref | recall_ref | tokens | maps "
-        "| transformer params | train GFLOP/image | transformer train PFLOP | train wall min | sampling images/s |"
+        f"| setting | runs {_fid_header('', sample_fid)}| class consistency ↑ | precision_ref | recall_ref | tokens "
+        "| maps | transformer params | train GFLOP/image | transformer train PFLOP | train wall min "
+        "| sampling images/s |"
     )
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
-    for row in settings(finished):
+    for row in rows:
         lines.append(
-            f"| {_label(row, row['names'])} | {row['runs']} {_fid_cells(row)}"
+            f"| {_label(row, row['names'])} | {row['runs']} {_fid_cells(row, sample_fid)}"
             f"| {cell(row, 'class_consistency_ref', 3)} | {cell(row, 'precision_ref', 3)} "
             f"| {cell(row, 'recall_ref', 3)} | {row['tokens']:.0f} | {row['maps']:.0f} "
             f"| {row['parameters'] / 1e6:.2f} M {_cost_cells(row)}| {cell(row, 'sampling_images_per_s', 1)} |"
@@ -418,8 +447,9 @@ def markdown_sweep(table_rows: dict[str, dict[str, Any]], group: list[str], guid
     keys = list(dict.fromkeys(k for rows in by_weight.values() for k in rows))
     if not keys:
         return "(no finished row)\n"
+    sample_fid = _has_sample_fid([row for rows in by_weight.values() for row in rows.values()])
     header = (
-        f"| setting | runs | FID (Inception) at w={common:g} ↓ | best w {_fid_header(' at best w')}"
+        f"| setting | runs | FID (Inception) at w={common:g} ↓ | best w {_fid_header(' at best w', sample_fid)}"
         f"| FID_ref at w={common:g} | FID at each w (Inception; FID_ref where a row has none) | tokens "
         "| train GFLOP/image | transformer train PFLOP | train wall min |"
     )
@@ -433,7 +463,7 @@ def markdown_sweep(table_rows: dict[str, dict[str, Any]], group: list[str], guid
         lines.append(
             f"| {_label(row, list(key))} | {row['runs']} "
             f"| {cell(at[common], 'fid_inception', 2) if common in at else '–'} "
-            f"| {best:g}{'' if lead == 'fid_inception' else ' (by FID_ref)'} {_fid_cells(row)}"
+            f"| {best:g}{'' if lead == 'fid_inception' else ' (by FID_ref)'} {_fid_cells(row, sample_fid)}"
             f"| {cell(at[common], 'fid_ref', 2) if common in at else '–'} | {each} | {row['tokens']:.0f} "
             f"{_cost_cells(row)}|"
         )
@@ -487,6 +517,30 @@ def table_rows(
     return spec, rows
 
 
+def table_stages(table: str, spec: dict[str, Any], rows: dict[str, dict], until: str | None) -> list[Stage]:
+    """The stages the table's rows run: dvc.yaml's, with sample_fid where the table asks for it (``sample_fid:
+    true``), up to ``until``. sample_fid with a row whose `evaluate.reference_stats` is not a file is refused
+    (``InvalidInput``) before any stage runs: it would draw thousands of samples it cannot measure."""
+    from pipeline.config import InvalidInput
+
+    wanted = spec.get("sample_fid", False)
+    if not isinstance(wanted, bool):
+        raise InvalidInput(f"table {table}: sample_fid: {wanted!r} is not true or false")
+    stages = stages_until(read_stages(REPO / "dvc.yaml", OPTIONAL_STAGES if wanted else ()), until)
+    if "sample_fid" not in {s.name for s in stages}:
+        return stages
+    for row, params in rows.items():
+        value = _lookup(params, REFERENCE_STATS)
+        if value is None or not Path(value).is_absolute() or not Path(value).is_file():
+            raise InvalidInput(
+                f"table {table} (sample_fid: true): row {row}: {REFERENCE_STATS} is {value!r}; sample_fid measures "
+                f"its samples against it: give an absolute path to the training images' statistics (each stage "
+                f"runs in a directory of its own), --set {REFERENCE_STATS}=/path/to/train_stats.npz "
+                "(`cart reference-stats`; docs/cifar10.md)"
+            )
+    return stages
+
+
 def stages_until(stages: list[Stage], until: str | None) -> list[Stage]:
     """dvc.yaml's stages up to and including ``until`` (all of them for None): e.g. the rows' tokenizers alone."""
     if until is None:
@@ -515,7 +569,7 @@ def run_table(
     results file as each stage finishes and ``say`` the report at the end; ``say`` hears every line of progress.
     With ``images``, each finished row whose evaluate could not measure the Inception metrics has its images packed
     there as it finishes (``pack_images``), for ``measure_inception`` on a machine that has the FID network."""
-    jobs, row_jobs = plan(rows, stages_until(read_stages(REPO / "dvc.yaml"), until))
+    jobs, row_jobs = plan(rows, table_stages(table, spec, rows, until))
     say(f"{len(rows)} rows, {len(jobs)} distinct stages, {parallel} at a time")
     packed: set[str] = set()
 

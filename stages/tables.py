@@ -82,7 +82,7 @@ def command(
     overrides = set_ or []
     try:
         spec, params = tables.table_rows(rows or tables.ROWS, table, overrides, only)
-        tables.stages_until(tables.read_stages(tables.REPO / "dvc.yaml"), until)
+        tables.table_stages(table, spec, params, until)  # a bad --until, or sample_fid without its reference
     except KeyError as err:  # an override of a key the params file lacks would otherwise run an unchanged row
         console.print(f"[bold red]error:[/] {err.args[0]}", soft_wrap=True)
         raise typer.Exit(EXIT_INVALID_PARAMS) from None

@@ -275,3 +275,96 @@ def test_a_stage_directory_made_by_another_checkout_runs_this_checkouts_code(tmp
     directory = tables._prepare(shard, tmp_path)
     for name in tables.CODE:
         assert (directory / name).readlink() == REPO / name
+
+
+def _sample_fid_tables(tmp_path: Path) -> Path:
+    """Two tables of the same rows on params.yaml: ``with`` asks for sample_fid, ``without`` does not."""
+    rows = {"a": {}, "b": {"decompose.order": 0}}
+    spec = {"params": "params.yaml", "rows": rows, "tables": {"T": ["a", "b"]}}
+    rows_file = tmp_path / "tables.yaml"
+    rows_file.write_text(yaml.safe_dump({"with": spec | {"sample_fid": True}, "without": spec}))
+    return rows_file
+
+
+def test_a_table_with_sample_fid_plans_it_for_every_row_after_the_rows_tokenizer_and_transformer(tmp_path):
+    rows_file = _sample_fid_tables(tmp_path)
+    stats = tmp_path / "train_stats.npz"
+    stats.write_bytes(b"")  # only its existence is checked here; sample_fid reads it
+    spec, rows = tables.table_rows(rows_file, "with", [f"evaluate.reference_stats={stats}"], None)
+    jobs, row_jobs = tables.plan(rows, tables.table_stages("with", spec, rows, None))
+    a, b = (_stages_of(row_jobs, r) for r in ("a", "b"))
+    for row in (a, b):
+        upstream = row["sample_fid"].upstream
+        assert upstream == {"models/tokenizer": row["train_tokenizer"], "models/transformer": row["train_transformer"]}
+    assert a["sample_fid"] is not b["sample_fid"]
+    assert sum(j.stage.name == "sample_fid" for j in jobs.values()) == 2
+    # Without the key (every table but the CPU rows'), no sample_fid: today's stages.
+    spec, rows = tables.table_rows(rows_file, "without", [], None)
+    _, row_jobs = tables.plan(rows, tables.table_stages("without", spec, rows, None))
+    assert all("sample_fid" not in _stages_of(row_jobs, r) for r in rows)
+    # The shipped tables: the CPU rows of issue 28 ask for it; the GPU script's table and the demo's do not.
+    shipped = yaml.safe_load((REPO / "params" / "tables.yaml").read_text())
+    assert shipped["cifar10"]["sample_fid"] is True
+    assert not shipped["cifar10-gpu"].get("sample_fid") and not shipped["demo"].get("sample_fid")
+
+
+def test_sample_fid_without_reference_statistics_stops_before_any_stage_with_exit_2(tmp_path):
+    rows_file = _sample_fid_tables(tmp_path)
+    # --deadline 0: were the refusal missing, no stage would start either.
+    command = [
+        "tables",
+        "--table",
+        "with",
+        "--rows",
+        str(rows_file),
+        "--root",
+        str(tmp_path / "root"),
+        "--deadline",
+        "0",
+    ]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 2, result.output
+    assert "evaluate.reference_stats" in result.output and "table with" in result.output
+    assert not (tmp_path / "root").exists()
+    # A relative path is refused too: each stage runs in a directory of its own.
+    result = CliRunner().invoke(app, [*command, "--set", "evaluate.reference_stats=train_stats.npz"])
+    assert result.exit_code == 2 and "absolute path" in result.output
+    # The rows' tokenizers alone (--until) draw no samples: no statistics needed.
+    spec, rows = tables.table_rows(rows_file, "with", [], None)
+    assert [s.name for s in tables.table_stages("with", spec, rows, "train_tokenizer")][-1] == "train_tokenizer"
+
+
+def test_the_report_of_a_sample_fid_table_leads_with_its_fid_over_the_seeds(tmp_path):
+    params = _rows(o0={"decompose.order": 0}, o0_s1={"decompose.order": 0, "transformer.train.seed": 1}, o3={})
+    rows = {name: _finished(params[name], 50.0, inception=30.0) for name in params}
+    for name, fid in (("o0", 20.0), ("o0_s1", 22.0), ("o3", 25.0)):
+        rows[name]["metrics"]["metrics/fid.json"] = {
+            "fid_inception": fid,
+            "fid_samples": 10000,
+            "reference_stats": "/data/train_stats.npz",
+            "reference_count": 50000,
+            "reference_source": "folder /data/cifar10/train",
+            "images": 10000,
+        }
+    saved = {"table": "cifar10", "set": [], "tables": {"Main": ["o0", "o0_s1", "o3"]}, "rows": rows}
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    result = CliRunner().invoke(app, ["tables", "--report", str(tmp_path / "results.json")])
+    assert result.exit_code == 0, result.output
+    text = result.stdout.split("### Main\n\n", 1)[1]
+    header = [h.strip() for h in text.splitlines()[0].split("|")[1:-1]]
+    assert header[:7] == [
+        "setting",
+        "runs",
+        "FID (Inception, sample-fid vs reference statistics) ↓",
+        "sample-fid measured on",
+        "FID (Inception) vs val ↓",
+        "ceiling",
+        "untrained floor",
+    ]
+    o0, o3 = (_cells(text.strip())[k] for k in ("0", "3"))
+    assert o0["runs"] == "2" and o0["FID (Inception, sample-fid vs reference statistics) ↓"] == "21.00 ± 1.41"
+    assert o0["sample-fid measured on"] == "10000 samples vs train_stats.npz (50000 images; folder /data/cifar10/train)"
+    # evaluate's Inception FID is its own (the same name in fid.json is another number), measured against val.
+    assert o0["FID (Inception) vs val ↓"] == "30.00 ± 0.00" and o3["FID (Inception) vs val ↓"] == "30.00"
+    assert o0["FID measured on"] == "512 samples vs 512 val images"
+    assert o3["FID (Inception, sample-fid vs reference statistics) ↓"] == "25.00"

@@ -48,7 +48,13 @@ def _own_value(own: dict[str, Any], param: str) -> Any:
 # classifier's (secondary: comparable only within this project). A run without the Inception metrics (recorded
 # before they existed, or without the FID network) has NaN there, keeps its FID_ref, and says why (``inception_note``).
 INCEPTION = ("fid_inception", "reconstruction_fid_inception", "untrained_fid_inception")
+# sample-fid's metrics (the field's protocol: thousands of samples against a dataset's reference statistics, e.g.
+# CIFAR-10's training set): its FID goes by the name `dvc exp show` gives it beside evaluate's, and is another number
+# (other images, another reference), never read as evaluate's.
+FID_FILE = "metrics/fid.json"
+SAMPLE_FID = f"{FID_FILE}:fid_inception"
 COLUMNS = (
+    SAMPLE_FID,
     *INCEPTION,
     "fid_ref",
     "reconstruction_fid_ref",
@@ -76,7 +82,7 @@ def _get(row: dict[str, Any], key: str) -> Any:
     number, of other images against another reference)."""
     if key in row:
         return row[key]
-    names = [k for k in row if k.endswith(f":{key}") or k.endswith(f".{key}")]
+    names = [k for k in row if (k.endswith(f":{key}") or k.endswith(f".{key}")) and not k.startswith(f"{FID_FILE}:")]
     names.sort(key=lambda k: not k.startswith(f"{EVAL_FILE}:"))  # stable: evaluate's first, then file order
     return row[names[0]] if names else None
 
@@ -95,6 +101,16 @@ def fid_set(row: dict[str, Any]) -> str | None:
         recon = _number(_get(row, "inception_reconstructions"))
         text += f", ceiling of {recon:.0f} reconstructions" if recon else ""
     return text
+
+
+def sample_fid_set(row: dict[str, Any]) -> str | None:
+    """What a run's sample-fid FID was measured with: ``10000 samples vs train.npz (50000 images: <source>)``."""
+    samples, reference = _number(row.get(f"{FID_FILE}:fid_samples")), row.get(f"{FID_FILE}:reference_stats")
+    if samples is None or reference is None:
+        return None
+    count, source = _number(row.get(f"{FID_FILE}:reference_count")), row.get(f"{FID_FILE}:reference_source")
+    about = "; ".join(t for t in (f"{count:.0f} images" if count else None, source) if t)
+    return f"{samples:.0f} samples vs {os.path.basename(str(reference))}" + (f" ({about})" if about else "")
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -136,7 +152,7 @@ def experiment_points(
         values = {p: _own_value(own, p) for p in params} if own is not None else {p: _get(row, p) for p in params}
         point["params"] = {p: _canonical(v) for p, v in values.items()}
         point |= {c: _number(_get(row, c)) for c in COLUMNS + COST}
-        point["fid_set"] = fid_set(row)
+        point["fid_set"], point["sample_fid_set"] = fid_set(row), sample_fid_set(row)
         point["inception_note"] = _inception_note(point)
         key = (point["order"], *(point[c] for c in COLUMNS))
         if key not in seen:
@@ -197,7 +213,7 @@ def group_runs(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[c] = float(np.mean(values)) if values else float("nan")
             row[f"{c}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0  # sample std
             row[f"{c}_runs"] = len(values)
-        for key in ("fid_set", "inception_note"):
+        for key in ("fid_set", "sample_fid_set", "inception_note"):
             row[key] = "; ".join(sorted({r[key] for r in runs if r[key]})) or None
         table.append(row)
     return sorted(table, key=lambda r: (repr(list(r["differs"].values())), r["order"]))
