@@ -1,7 +1,11 @@
 """The README's comparison tables, row by row: dvc.yaml's stages run once per distinct input, many at a time.
 
     cart tables --table cifar10 --root /tmp/tables --jobs 8 --out tables-cifar10.json \
-        --set data.archive=/path/to/cifar-10-binary.tar.gz      # or leave it out: the shard stage downloads
+        --set data.archive=/path/to/cifar-10-binary.tar.gz \
+        --set evaluate.reference_stats=/path/to/cifar10_train_stats.npz \
+        --set tokenizer.rfid.reference_stats=/path/to/cifar10_train_stats.npz
+        # data.archive: or leave it out (the shard stage downloads); the statistics: `cart reference-stats` of
+        # the training images, for sample_fid (the table asks for it) and the tokenizer's rFID
     cart tables --table demo --root /tmp/tables-demo --jobs 1 --only o0 --only o0-ctf
     cart tables --table cifar10 --until train_tokenizer ...   # only the rows' stages up to their tokenizers
     cart tables --report tables-cifar10.json          # the markdown tables of a finished run
@@ -23,6 +27,16 @@ rewritten as each stage finishes, so a run stopped from outside keeps what was f
 with its cost beside its quality: the transformer's training FLOPs (model FLOPs, 3 × forward, times the images it
 was trained on) and the wall time of the stages that train the row (decompose, tokenizer, tokens, transformer;
 stages run side by side share the machine, so compare wall times of one run at --jobs 1).
+
+dvc.yaml's sample_fid stage (the field's protocol: ``sample_fid.per_class`` samples of every class, their Inception
+FID against `evaluate.reference_stats`, a `cart reference-stats` file of the training images) runs only for a table
+with ``sample_fid: true`` (the CIFAR-10 rows of issue 28: ``cifar10``), after each row's tokenizer and transformer.
+Such a table refuses, before any stage runs, a row whose `evaluate.reference_stats` is not an absolute path to a
+file (exit 2, naming the key, the row and the table): the stage would draw thousands of samples and measure
+nothing. Its report leads with that FID (mean ± std over the seeds) and what it was measured on, then evaluate's
+FIDs, marked "vs val" (samples, ceiling and floor against the val images, e.g. 1 000 against 1 000). Tables
+without it keep evaluate's FIDs first. The other tables leave it off: a lent GPU machine has no FID network and
+cannot return 10 000 images, a swept table would draw them once per weight, the demo has no training statistics.
 
 A table with a `guidance` key (``{common: w, sweep: [w, …]}``) evaluates each of its rows at every weight of the
 sweep (rows ``<row>@w<w>``, which share everything but the evaluate stage, and the same sampling seed), and its
