@@ -17,6 +17,11 @@ upstream stages' outputs. A stage's directory is named by a hash of the params k
 upstream stages' names, so rows share a stage whose inputs are equal (every row of a table shares one shard and one
 reference classifier; seeds of the transformer share the tokenizer), as DVC's cache would.
 
+A code change that adds a params key (with a default that keeps what the old code did) renames every stage that
+reads its section, and so every stage after it: ``--adopt`` links the finished directories under their new names
+where the old params file equals today's but for the keys it lacks, and their upstream directories agree, so a run
+resumes instead of starting again (``adopt``); a value that differs is never adopted.
+
 Why not `dvc exp run --queue`: it needs Git and DVC where it runs (a lent GPU machine has neither), and it runs
 each experiment's stages one after another; here independent stages of all rows run side by side (``--jobs``) to
 fill one GPU, stages already finished are not run again (rerunning the command after a kill resumes: each stage
@@ -205,6 +210,52 @@ def _prepare(job: Job, root: Path) -> Path:
         if not link.is_symlink():
             link.symlink_to((root / writer.name / dep).resolve())
     return directory
+
+
+def _within(old: Any, new: Any) -> bool:
+    """``old`` equals ``new`` but for keys ``old`` lacks (keys added to the params since ``old`` was written)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return all(k in new and _within(v, new[k]) for k, v in old.items())
+    return old == new
+
+
+def adopt(jobs: dict[str, Job], root: Path, say: Callable[[str], None]) -> dict[str, str]:
+    """Link finished stage directories under the names today's params give them, where a params key added since
+    (with the value the old code behaved as) renamed them: a job without a directory adopts the one finished
+    directory of its stage whose params equal the job's except keys the old file lacks, and whose upstream
+    directories are the job's (adopted ones included). Returns {new name: adopted name}."""
+    finished = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and (p / ".done").exists()]
+    real: dict[str, str] = {}  # job name -> the directory it stands for
+    adopted: dict[str, str] = {}
+    for name, job in jobs.items():  # plan order: upstream first
+        if (root / name).exists():
+            real[name] = (root / name).resolve().name
+            continue
+        upstream = {real.get(j.name, j.name) for j in job.upstream.values()}
+        matches = []
+        for path in finished:
+            if not path.name.startswith(f"{job.stage.name}-"):
+                continue
+            old = yaml.safe_load((path / "params.yaml").read_text())
+            keys = [k for k in job.stage.params if _has(old, k)]  # a params entry dvc.yaml lists since: not in old
+            links = {path / dep for dep in job.upstream}
+            if all(_within(_lookup(old, k), _lookup(job.params, k)) for k in keys) and upstream == {
+                link.resolve().relative_to(root.resolve()).parts[0] for link in links if link.is_symlink()
+            }:
+                matches.append(path.name)
+        if len(matches) == 1:
+            (root / name).symlink_to(matches[0])
+            real[name] = adopted[name] = matches[0]
+            say(f"adopted {matches[0]} as {name} for {', '.join(job.rows)}")
+    return adopted
+
+
+def _has(values: dict, dotted: str) -> bool:
+    try:
+        _lookup(values, dotted)
+    except KeyError:
+        return False
+    return True
 
 
 def run(
@@ -578,12 +629,15 @@ def run_table(
     say: Callable[[str], None],
     images: Path | None = None,
     until: str | None = None,
+    adopt_finished: bool = False,
 ) -> None:
     """Run the rows' stages (see the module's docstring), or only those up to ``until``; with ``out``, rewrite the
     results file as each stage finishes and ``say`` the report at the end; ``say`` hears every line of progress.
     With ``images``, each finished row whose evaluate could not measure the Inception metrics has its images packed
     there as it finishes (``pack_images``), for ``measure_inception`` on a machine that has the FID network."""
     jobs, row_jobs = plan(rows, table_stages(table, spec, rows, until))
+    if adopt_finished and root.is_dir():
+        adopt(jobs, root, say)
     say(f"{len(rows)} rows, {len(jobs)} distinct stages, {parallel} at a time")
     packed: set[str] = set()
 

