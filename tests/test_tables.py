@@ -17,6 +17,11 @@ from stages.cli import app
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _header(markdown: str) -> list[str]:
+    """The column names of a markdown table's first line."""
+    return [h.strip() for h in markdown.splitlines()[0].split("|")[1:-1]]
+
+
 def _rows(**overrides: dict) -> dict[str, dict]:
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     rows = {}
@@ -171,7 +176,7 @@ def test_the_markdown_tables_lead_with_the_inception_fid_and_say_what_it_was_mea
         "o3": _finished(params["o3"], 65.0),
     }
     text = tables.markdown(rows, ["o0", "o0_s1", "o3"])
-    header = [h.strip() for h in text.splitlines()[0].split("|")[1:-1]]
+    header = _header(text)
     assert header[:9] == [
         "setting",
         "runs",
@@ -351,7 +356,7 @@ def test_the_report_of_a_sample_fid_table_leads_with_its_fid_over_the_seeds(tmp_
     result = CliRunner().invoke(app, ["tables", "--report", str(tmp_path / "results.json")])
     assert result.exit_code == 0, result.output
     text = result.stdout.split("### Main\n\n", 1)[1]
-    header = [h.strip() for h in text.splitlines()[0].split("|")[1:-1]]
+    header = _header(text)
     assert header[:7] == [
         "setting",
         "runs",
